@@ -1,0 +1,162 @@
+"""One config dataclass per stage; every field carries its default, range and one-line help.
+
+The UI builds its sliders from `describe()` and the CLI's ``--set`` parses through `apply_overrides`,
+so numbers live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .errors import PipelineError
+
+
+def param(default: Any, help: str, lo: Any = None, hi: Any = None, step: Any = None,
+          choices: Optional[Sequence[Any]] = None) -> Any:
+    """A dataclass field with UI/CLI metadata: numeric range [lo, hi] (and step) or a list of choices."""
+    return field(default=default, metadata={"help": help, "range": (lo, hi), "step": step, "choices": choices})
+
+
+@dataclass
+class IngestConfig:
+    max_image_side: int = param(512, "Photos larger than this (pixels, longer side) are downscaled", 64, 4096, 32)
+    holdout_every: int = param(0, "Keep every n-th view out of fitting to measure held-out quality (0 = use all)", 0, 20, 1)
+
+
+@dataclass
+class HullConfig:
+    grid_resolution: int = param(128, "Voxels per side of the visual-hull grid", 32, 384, 16)
+    bad_view_tolerance: int = param(1, "A voxel survives if it is outside the mask in at most this many views", 0, 8, 1)
+
+
+@dataclass
+class RefineConfig:
+    iterations: int = param(500, "Optimisation steps of geometry and texture", 0, 10000, 50)
+    geometry_lr: float = param(2e-3, "Learning rate of the vertex positions (scene units)", 0.0, 2e-2, 1e-4)
+    texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
+    smoothness: float = param(10.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
+    texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
+    mask_weight: float = param(1.0, "Weight of the silhouette (mask) loss", 0.0, 10.0, 0.1)
+    render_resolution: int = param(256, "Longer side of the renders compared with the photos (pixels)", 64, 2048, 32)
+    views_per_step: int = param(4, "Photos compared per optimisation step", 1, 32, 1)
+    texture_size: int = param(1024, "Texture atlas size (pixels per side)", 128, 4096, 128)
+    mesh_faces: int = param(40000, "Triangles of the mesh being optimised", 2000, 400000, 1000)
+    preview_every_s: float = param(1.0, "Seconds between live preview renders", 0.2, 10.0, 0.1)
+    seed: int = param(0, "Random seed (view order, background colours)", 0, 2**31 - 1, 1)
+
+
+@dataclass
+class ExportConfig:
+    target_faces: int = param(40000, "Triangles in the exported model", 1000, 400000, 1000)
+    unlit: bool = param(False, "Write the texture as unlit (shows the photo colours as captured)")
+
+
+@dataclass
+class ReconstructionConfig:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    hull: HullConfig = field(default_factory=HullConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+STAGES = ("ingest", "hull", "refine", "export")
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "fast": {
+        "ingest.max_image_side": 256, "hull.grid_resolution": 96, "refine.iterations": 200,
+        "refine.render_resolution": 128, "refine.texture_size": 512, "refine.mesh_faces": 10000,
+        "export.target_faces": 10000,
+    },
+    "balanced": {},
+    "high": {
+        "ingest.max_image_side": 1024, "hull.grid_resolution": 192, "refine.iterations": 2000,
+        "refine.render_resolution": 512, "refine.views_per_step": 8, "refine.texture_size": 2048,
+        "refine.mesh_faces": 150000, "export.target_faces": 150000,
+    },
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What a UI control or a CLI flag needs to know about one config field."""
+
+    key: str  # "stage.name"
+    type: type
+    default: Any
+    range: Tuple[Any, Any]
+    step: Any
+    choices: Optional[Sequence[Any]]
+    help: str
+
+
+def describe(config: Optional[ReconstructionConfig] = None) -> List[FieldSpec]:
+    """Every tunable field, in stage order; ``default`` is taken from ``config`` when given."""
+    config = config or ReconstructionConfig()
+    specs = []
+    for stage in STAGES:
+        section = getattr(config, stage)
+        for f in dataclasses.fields(section):
+            specs.append(FieldSpec(
+                key=f"{stage}.{f.name}", type=type(f.default), default=getattr(section, f.name),
+                range=f.metadata["range"], step=f.metadata["step"], choices=f.metadata["choices"],
+                help=f.metadata["help"],
+            ))
+    return specs
+
+
+def preset(name: str) -> ReconstructionConfig:
+    """A fresh config with the named preset applied (fast / balanced / high)."""
+    if name not in PRESETS:
+        raise PipelineError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(ReconstructionConfig(), PRESETS[name])
+
+
+def apply_overrides(config: ReconstructionConfig, overrides: Dict[str, Any]) -> ReconstructionConfig:
+    """Set fields by key ("refine.iterations", or a bare "iterations" when unambiguous), checking
+    types and ranges. Values may be strings (from the command line). Returns ``config``, modified."""
+    specs = {s.key: s for s in describe(config)}
+    for raw_key, raw_value in overrides.items():
+        key = _resolve_key(raw_key, specs)
+        spec = specs[key]
+        value = _coerce(raw_key, raw_value, spec)
+        stage, name = key.split(".")
+        setattr(getattr(config, stage), name, value)
+    return config
+
+
+def _resolve_key(key: str, specs: Dict[str, FieldSpec]) -> str:
+    if key in specs:
+        return key
+    matches = [k for k in specs if k.split(".")[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise PipelineError(f"setting {key!r} is ambiguous; write one of {', '.join(matches)}")
+    raise PipelineError(f"unknown setting {key!r}; known settings: {', '.join(specs)}")
+
+
+def _coerce(key: str, value: Any, spec: FieldSpec) -> Any:
+    try:
+        if spec.type is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = value.lower() in ("1", "true", "yes", "on")
+            value = bool(value)
+        elif spec.type is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError(value)
+            value = int(as_float)
+        else:
+            value = spec.type(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"setting {key!r} needs a {spec.type.__name__}, got {value!r}") from None
+    lo, hi = spec.range
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise PipelineError(f"setting {key!r} = {value} is outside its range [{lo}, {hi}]")
+    if spec.choices is not None and value not in spec.choices:
+        raise PipelineError(f"setting {key!r} must be one of {list(spec.choices)}, got {value!r}")
+    return value

@@ -1,0 +1,172 @@
+"""The whole pipeline as one generator of typed events: ingest -> hull -> refine -> export."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from . import export
+from .capture import Capture
+from .config import ReconstructionConfig
+from .errors import PipelineError
+from .evaluate import compare_views
+from .events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
+from .hull import carve_visual_hull, hull_mesh
+from .mesh import TexturedMesh, clip_range
+from .normalize import estimate_up, normalize_scene, transform_cameras
+from .refine import Cancelled, project_photos, refine
+from .render import Rasterizer
+
+MIN_VIEWS = 3
+
+
+def split_holdout(capture: Capture, every: int) -> tuple[Capture, Optional[Capture]]:
+    """(fitting views, held-out views): every ``every``-th view is held out (none when 0)."""
+    if every <= 0:
+        return capture, None
+    index = np.arange(len(capture))
+    held = index % every == every - 1
+    return capture.subset(~held), capture.subset(held)
+
+
+def validate_capture(capture: Capture) -> None:
+    """Refuse what the posed pipeline cannot use, saying what to do instead."""
+    if len(capture) < MIN_VIEWS:
+        raise PipelineError(
+            f"only {len(capture)} photo(s) given; at least {MIN_VIEWS} views of the object are needed "
+            "(20-60 from all around works best)"
+        )
+    if capture.cameras is None:
+        raise PipelineError(
+            "no camera poses: add a camera file (transforms.json, poses_bounds.npy, a COLMAP model or "
+            "cameras.json) next to the photos"
+        )
+    if capture.masks is None:
+        raise PipelineError("no object masks: give PNG photos with an alpha channel or a masks/ folder")
+    empty = [capture.names[i] for i in range(len(capture)) if float(capture.masks[i].max()) <= 0.5]
+    if empty:
+        raise PipelineError(
+            f"empty mask (no object pixels) in {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}: "
+            "fix or remove these photos"
+        )
+
+
+def reconstruct(
+    capture: Capture,
+    config: ReconstructionConfig,
+    out_dir: Union[str, Path],
+    cancel: Optional[Callable[[], bool]] = None,
+    device: Union[str, torch.device, None] = None,
+) -> Iterator[Event]:
+    """Reconstruct a textured mesh from a posed, masked capture, streaming events.
+
+    Writes ``model.glb``, ``model_obj.zip`` and ``cameras.json`` into ``out_dir`` and ends with a
+    `Result`. ``cancel()`` is polled every iteration; when it returns True the generator stops
+    (yielding a Warning) and releases GPU memory. Raises PipelineError for unusable input.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rasterizer = Rasterizer(backend="auto", device=device)
+    timings: dict[str, float] = {}
+    try:
+        # ---------------------------------------------------------------- ingest
+        start = _now()
+        yield StageStarted("ingest", f"{len(capture)} photos, {capture.resolution[1]}x{capture.resolution[0]} px")
+        for message in capture.warnings:
+            yield Warning(message)
+        validate_capture(capture)
+        fit, held = split_holdout(capture, config.ingest.holdout_every)
+        if len(fit) < MIN_VIEWS:
+            raise PipelineError(f"holding out every {config.ingest.holdout_every}th view leaves too few to fit")
+        timings["ingest"] = _now() - start
+        yield StageFinished("ingest", timings["ingest"])
+
+        # ------------------------------------------------------------------ hull
+        start = _now()
+        yield StageStarted("hull", f"visual hull at {config.hull.grid_resolution}^3")
+        cameras, world_from_normalised = normalize_scene(fit.cameras, fit.masks, device=device)
+        up = estimate_up(cameras)
+        _check_cancel(cancel)
+        field = carve_visual_hull(cameras, fit.masks, resolution=config.hull.grid_resolution,
+                                  bad_view_tolerance=config.hull.bad_view_tolerance, device=device)
+        vertices, faces = hull_mesh(field)
+        yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
+        _check_cancel(cancel)
+        vertices, faces = export.simplify(vertices, faces, config.refine.mesh_faces)
+        vmapping, faces_uv, uvs = export.unwrap(vertices, faces)
+        yield Progress("hull", 0.8, "texture from the photos")
+        mesh = _initial_texture(vertices, faces, uvs, faces_uv, fit, cameras, config, rasterizer)
+        timings["hull"] = _now() - start
+        yield Metrics("hull", {"faces": float(len(faces)), "vertices": float(len(vertices))})
+        yield StageFinished("hull", timings["hull"])
+
+        # ---------------------------------------------------------------- refine
+        start = _now()
+        yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
+        mesh = yield from refine(mesh, cameras, fit.images, fit.masks, up, config.refine, rasterizer, cancel)
+        timings["refine"] = _now() - start
+        yield StageFinished("refine", timings["refine"])
+
+        # ---------------------------------------------------------------- export
+        start = _now()
+        yield StageStarted("export", f"GLB with {config.export.target_faces} triangles at most")
+        files = export.export_mesh(mesh, out_dir, world_from_normalised, up, config.export, rasterizer)
+        export.save_cameras(capture, out_dir / "cameras.json")
+        yield Progress("export", 0.7, "measuring the result against the photos")
+        means, per_view = compare_views(mesh, cameras, fit.images, fit.masks, fit.names, rasterizer)
+        metrics = {f"train_{k}": v for k, v in means.items()}
+        heldout = None
+        if held is not None and len(held):
+            held_cams = transform_cameras(held.cameras, world_from_normalised)
+            heldout, held_views = compare_views(mesh, held_cams, held.images, held.masks, held.names, rasterizer)
+            metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
+            per_view.update(held_views)
+        timings["export"] = _now() - start
+        yield Metrics("export", metrics)
+        yield StageFinished("export", timings["export"])
+        timings["total"] = sum(timings.values())
+        yield Result(glb_path=str(files["glb"]), zip_path=str(files["zip"]), cameras_path=str(out_dir / "cameras.json"),
+                     metrics=metrics, per_view=per_view, timings=timings, heldout=heldout)
+    except Cancelled:
+        yield Warning("cancelled: the reconstruction was stopped before it finished")
+    finally:
+        # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
+        del rasterizer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _initial_texture(vertices, faces, uvs, faces_uv, capture: Capture, cameras, config: ReconstructionConfig,
+                     rasterizer: Rasterizer) -> TexturedMesh:
+    """The starting TexturedMesh: the photos projected onto the hull."""
+    device = rasterizer.device
+    near, far = clip_range(cameras)
+    height, width = capture.resolution
+    mats = torch.tensor(cameras.clip_matrices((height, width), near, far), dtype=torch.float32, device=device)
+    texture, _ = project_photos(
+        rasterizer,
+        torch.from_numpy(vertices).float().to(device), torch.from_numpy(faces).int().to(device),
+        torch.from_numpy(uvs).float().to(device), torch.from_numpy(faces_uv).int().to(device),
+        torch.from_numpy(capture.images).to(device), torch.from_numpy(capture.masks).to(device),
+        mats, torch.from_numpy(cameras.centers).float().to(device), config.refine.texture_size,
+    )
+    return TexturedMesh(vertices.astype(np.float32), faces.astype(np.int32), uvs.astype(np.float32),
+                        faces_uv.astype(np.int32), texture.cpu().numpy())
+
+
+def _check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled()
+
+
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.monotonic()
