@@ -1,0 +1,167 @@
+"""GPU parity of the torch rendering backend with nvdiffrast. Prints one JSON document.
+
+Runs on a CUDA machine with nvdiffrast installed (NVIDIA Source Code License: non-commercial use).
+Feeds the same scenes (meshes from the shared data folder, several views, 256 and 512 px) through
+both backends: rasterize -> interpolate (per-vertex colours, UVs) -> texture -> antialias, then
+backward of a fixed random weighting of the result. Reports, per scene:
+- id_agreement: fraction of pixels covered by either backend whose triangle ids agree;
+- attr_max_abs_diff / uv_max_abs_diff / texture_max_abs_diff: on pixels where the ids agree;
+- pos_grad_cosine / attr_grad_cosine: cosine similarity of the gradients w.r.t. clip-space
+  positions and vertex attributes after antialias;
+- ms_torch / ms_nvdiffrast: forward+backward time per iteration (median of timed runs).
+
+    python bench/render_parity.py --data ../shared/data [--out bench/results/parity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cameras import Cameras, look_at, to_clip  # noqa: E402
+from pipeline.render import Rasterizer  # noqa: E402
+
+MESHES = {"spot": ("spot/spot.obj", "spot/spot_texture.png"), "bob": ("bob/bob_tri.obj", "bob/bob_diffuse.png")}
+
+
+def load_mesh(data: Path, name: str):
+    import trimesh  # noqa: PLC0415 (only the benchmarks need it on the GPU machine)
+    from PIL import Image  # noqa: PLC0415
+
+    obj, tex = MESHES[name]
+    mesh = trimesh.load(data / obj, process=False, force="mesh")
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    vertices = (vertices - vertices.mean(0)) / np.linalg.norm(vertices - vertices.mean(0), axis=1).max()
+    uv = np.asarray(mesh.visual.uv, dtype=np.float32)
+    uv[:, 1] = 1.0 - uv[:, 1]  # OBJ stores v = 0 at the bottom of the image; our textures start at the top
+    image = np.asarray(Image.open(data / tex).convert("RGB"), dtype=np.float32) / 255.0
+    return vertices.astype(np.float32), np.asarray(mesh.faces, dtype=np.int32), uv, image
+
+
+def cameras_around(views: int, size: int, seed: int = 0) -> Cameras:
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(views, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    focal = 0.5 * size / np.tan(np.radians(20))
+    k = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]])
+    w2c = np.stack([look_at(2.6 * d, np.zeros(3), np.array([0.0, 1.0, 0.0])) for d in dirs])
+    return Cameras(np.repeat(k[None], views, 0), w2c, np.full((views, 2), size))
+
+
+def run_backend(backend: str, scene: dict, repeats: int):
+    r = Rasterizer(backend=backend, device="cuda")
+    res = scene["res"]
+
+    def forward_backward():
+        pos = scene["clip"].clone().requires_grad_(True)
+        attr = scene["attr"].clone().requires_grad_(True)
+        rast, rast_db = r.rasterize(pos, scene["tri"], (res, res))
+        colour, _ = r.interpolate(attr[None], rast, scene["tri"])
+        uv, uv_da = r.interpolate(scene["uv"][None], rast, scene["tri"], rast_db=rast_db, diff_attrs="all")
+        tex = r.texture(scene["tex"], uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="wrap")
+        shaded = colour * tex * (rast[..., 3:] > 0)
+        out = r.antialias(shaded, rast, pos, scene["tri"])
+        (out * scene["weights"]).sum().backward()
+        return rast, colour, uv, tex, out, pos.grad, attr.grad
+
+    result = forward_backward()
+    for _ in range(2):  # warm-up (kernel compilation, allocator)
+        forward_backward()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward_backward()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return result, float(np.median(times))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device: this benchmark compares against nvdiffrast on the GPU"}))
+        return 1
+
+    scenes = []
+    for name in MESHES:
+        vertices, faces, uv_per_vertex, image = load_mesh(args.data, name)
+        normals_colour = (vertices - vertices.min(0)) / (vertices.max(0) - vertices.min(0))
+        for res in (256, 512):
+            cams = cameras_around(args.views, res, seed=res)
+            mats = torch.tensor(cams.clip_matrices((res, res), 0.5, 5.0), dtype=torch.float32, device="cuda")
+            scene = {
+                "res": res,
+                "clip": to_clip(torch.tensor(vertices, device="cuda"), mats).contiguous(),
+                "tri": torch.tensor(faces, device="cuda"),
+                "attr": torch.tensor(normals_colour, dtype=torch.float32, device="cuda"),
+                "uv": torch.tensor(uv_per_vertex, device="cuda"),
+                "tex": torch.tensor(image, device="cuda")[None].contiguous(),
+                "weights": torch.rand(args.views, res, res, 3, device="cuda",
+                                      generator=torch.Generator("cuda").manual_seed(0)),
+            }
+            (rast_t, col_t, uv_t, tex_t, out_t, gpos_t, gattr_t), ms_t = run_backend("torch", scene, args.repeats)
+            (rast_n, col_n, uv_n, tex_n, out_n, gpos_n, gattr_n), ms_n = run_backend("nvdiffrast", scene, args.repeats)
+            id_t, id_n = rast_t[..., 3], rast_n[..., 3]
+            either = (id_t > 0) | (id_n > 0)
+            agree = (id_t == id_n) & either
+            scenes.append({
+                "mesh": name, "resolution": res, "views": args.views, "triangles": int(len(faces)),
+                "covered_pixels": int(either.sum()),
+                "id_agreement": float(agree.sum() / either.sum()),
+                "attr_max_abs_diff": float((col_t - col_n)[agree].abs().max()),
+                "uv_max_abs_diff": float((uv_t - uv_n)[agree].abs().max()),
+                "texture_max_abs_diff": float((tex_t - tex_n)[agree].abs().max()),
+                "texture_p99_abs_diff": float((tex_t - tex_n)[agree].abs().flatten().quantile(0.99)),
+                "antialias_mean_abs_diff": float((out_t - out_n).abs().mean()),
+                "pos_grad_cosine": cosine(gpos_t, gpos_n),
+                "attr_grad_cosine": cosine(gattr_t, gattr_n),
+                "ms_torch": ms_t, "ms_nvdiffrast": ms_n, "speed_ratio_torch_over_nvdiffrast": ms_t / ms_n,
+            })
+    report = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d"),
+        "scenes": scenes,
+        "summary": {
+            "min_id_agreement": min(s["id_agreement"] for s in scenes),
+            "max_attr_abs_diff": max(s["attr_max_abs_diff"] for s in scenes),
+            "min_pos_grad_cosine": min(s["pos_grad_cosine"] for s in scenes),
+            "min_attr_grad_cosine": min(s["attr_grad_cosine"] for s in scenes),
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
