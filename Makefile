@@ -7,15 +7,16 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 HOST ?= 0.0.0.0
 PORT ?= 7860
+# Optional torch wheel index, e.g. https://download.pytorch.org/whl/cpu (default: pip's index).
+TORCH_INDEX ?=
 
 .PHONY: setup setup-test run test bench-cpu clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt .ci/install-python-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	PYTHON=$(PY) bash .ci/install-python-deps all $(TORCH_INDEX)
 	touch $@
 
 setup-test: $(TEST_STAMP)
