@@ -1,0 +1,115 @@
+"""Importers: a folder (or list) of photos, with or without a camera file -> `Capture`.
+
+`load_capture(source)` detects the format, in this order of preference (the first found wins; the
+others are named in ``capture.warnings``):
+
+1. ``cameras.json`` with ``"format": "photo3d-cameras"`` (this project's, see `save_cameras_json`);
+2. ``transforms_<split>.json`` (default split "train"), else ``transforms.json`` for the train split:
+   NeRF-synthetic / instant-ngp / nerfstudio (`formats.read_transforms`);
+3. a COLMAP model in ``sparse/0/``, ``sparse/`` or the folder itself (``cameras``/``images``
+   [/``points3D``] ``.bin`` or ``.txt``), photos in ``images/`` (else the folder) (`formats.read_colmap`);
+4. LLFF ``poses_bounds.npy`` with ``images/`` [and ``masks/``] (`formats.read_llff`);
+5. plain photos (the folder's, else its ``images/``'s, or the listed files): ``cameras=None``.
+
+Pixels: RGB in [0, 1] as stored; an alpha channel becomes the mask and the RGB is composited over
+white. User masks (which win over alpha): ``masks/<stem>.*`` or ``masks/<name>.png`` beside the photos
+or in the capture folder, or ``<stem>_mask.*`` / ``<stem>.mask.*`` beside a photo. Masks are used only
+when every view has one (else a warning). Distorted cameras are undistorted on load to the pinhole
+camera with the same K.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..capture import Capture
+from ..errors import PipelineError
+from .assemble import Frame, build_capture
+from .formats import (
+    CAMERAS_JSON_FORMAT,
+    colmap_files,
+    is_cameras_json,
+    read_cameras_json,
+    read_colmap,
+    read_llff,
+    read_transforms,
+    save_cameras_json,
+)
+from .sources import Source, SourceLike
+
+__all__ = ["load_capture", "detect_format", "save_cameras_json", "CAMERAS_JSON_FORMAT"]
+
+
+def _candidates(source: Source, split: str) -> list[tuple[str, object]]:
+    """[(format, where)] of every camera file found, in order of preference (only NeRF has splits)."""
+    found: list[tuple[str, object]] = []
+    names = [f"transforms_{split}.json"] + (["transforms.json"] if split == "train" else [])
+    transforms = next((p for p in map(source.named, names) if p is not None), None)
+    if split != "train":
+        return [("transforms", transforms)] if transforms is not None else []
+    cameras_json = source.named("cameras.json")
+    if cameras_json is not None and is_cameras_json(cameras_json):
+        found.append(("cameras.json", cameras_json))
+    if transforms is not None:
+        found.append(("transforms", transforms))
+    roots = [source.root / "sparse" / "0", source.root / "sparse", source.root] if source.root is not None else [None]
+    colmap = next((files for files in (colmap_files(r, source) for r in roots) if files), None)
+    if colmap is not None:
+        found.append(("colmap", colmap))
+    llff = source.named("poses_bounds.npy")
+    if llff is not None:
+        found.append(("llff", llff))
+    return found
+
+
+def detect_format(source: SourceLike, split: str = "train") -> str:
+    """'cameras.json', 'transforms', 'colmap', 'llff' or 'images' (no camera file): what `load_capture` would read."""
+    found = _candidates(Source(source), split)
+    return found[0][0] if found else "images"
+
+
+def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str = "train") -> Capture:
+    """Read a capture from a folder, a camera file, or a list of files (see the module docstring).
+
+    ``max_side``: downscale so the longer image side is at most this (intrinsics follow; a warning says
+    so). ``split``: which NeRF ``transforms_<split>.json`` to read ("train", "test", "val"); other
+    formats have only the one split, "train". Raises `PipelineError` naming the file and the fix.
+    """
+    if max_side is not None and max_side < 1:
+        raise PipelineError(f"max_side={max_side}: the longest image side must be at least 1 pixel.")
+    src = Source(source)
+    warnings: list[str] = []
+    found = _candidates(src, split)
+    if split != "train" and not found:
+        raise PipelineError(
+            f"{src.label}: no transforms_{split}.json, and split={split!r} exists only for NeRF-style "
+            "transforms_<split>.json files. Load the default split instead."
+        )
+    if len(found) > 1:
+        ignored = ", ".join(kind for kind, _ in found[1:])
+        warnings.append(f"Several camera files found; used {found[0][0]}, ignored {ignored}.")
+    if not found:
+        images = src.listed_images()
+        if not images:
+            other = sorted(p.name for p in src.root.glob("transforms_*.json")) if src.root is not None else []
+            hint = f" (found {', '.join(other)}: pass split=...)" if other else ""
+            raise PipelineError(
+                f"{src.label}: no photos (JPEG, PNG or WebP) and no camera file found{hint}. "
+                "Put the photos in this folder or in images/."
+            )
+        frames = [Frame(image=p, name=src.name_of(p), mask=src.mask_for(p)) for p in images]
+        return build_capture(frames, None, src.label, max_side, warnings)
+
+    kind, where = found[0]
+    if kind == "cameras.json":
+        camera_file, frames = where, read_cameras_json(where, src, warnings)
+    elif kind == "transforms":
+        camera_file, frames = where, read_transforms(where, src, warnings)
+    elif kind == "colmap":
+        model_dir = where["cameras"].parent
+        base = src.root if src.root is not None else model_dir
+        images_dir = base / "images" if (base / "images").is_dir() else base
+        camera_file, frames = where["images"], read_colmap(where, images_dir, src, warnings)
+    else:
+        camera_file, frames = where, read_llff(where, src)
+    return build_capture(frames, camera_file, src.label, max_side, warnings)
