@@ -28,7 +28,7 @@ class IngestConfig:
 @dataclass
 class HullConfig:
     grid_resolution: int = param(128, "Voxels per side of the visual-hull grid", 32, 384, 16)
-    bad_view_tolerance: int = param(1, "A voxel survives if it is outside the mask in at most this many views", 0, 8, 1)
+    bad_view_tolerance: int = param(0, "A voxel survives if it is outside the mask in at most this many views (raise for bad masks)", 0, 8, 1)
 
 
 @dataclass
