@@ -40,6 +40,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import PipelineError
+from .mesh import TexturedMesh
 from .render import Rasterizer
 
 ColorFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (points [P, 3], normals [P, 3]) -> rgb [P, 3]
@@ -621,3 +622,61 @@ def write_obj_zip(
         archive.writestr(f"{name}.mtl", mtl)
         archive.writestr(f"{name}.png", _png_bytes(texture))
     return world_from_obj
+
+
+# ------------------------------------------------------------------------------- pipeline stage
+def export_textured_mesh(
+    mesh: TexturedMesh,  # normalised frame
+    out_dir: PathLike,
+    world_from_normalised: np.ndarray,  # [4, 4]
+    up: Sequence[float],  # world up direction
+    target_faces: int,
+    unlit: bool = False,
+    name: str = "model",
+    rasterizer: Optional[Rasterizer] = None,
+) -> dict:  # {"glb": Path, "zip": Path, "world_from_model": [4, 4]}
+    """The export stage: simplify to ``target_faces`` (re-unwrapping and re-baking the texture
+    from the refined one when that changes the mesh), then write ``name``.glb and ``name``_obj.zip."""
+    out_dir = Path(out_dir)
+    if len(mesh.faces) > target_faces:
+        vertices, faces = simplify(mesh.vertices, mesh.faces, target_faces)
+        size = mesh.texture.shape[0]
+        vmapping, faces_uv, uvs = unwrap(vertices, faces, texture_size=size)
+        source_uvs = mesh.uvs[mesh.faces_uv]  # [F, 3, 2] per corner of the refined mesh
+        colors = colors_from_texture(mesh.vertices, mesh.faces, source_uvs, mesh.texture)
+        texture = bake_texture(vertices[vmapping], faces_uv, uvs, colors, size, rasterizer=rasterizer)
+        positions = vertices[vmapping]
+    else:
+        faces_uv, uvs, texture = mesh.faces_uv, mesh.uvs, mesh.texture
+        positions = corner_positions(mesh)
+    glb = out_dir / f"{name}.glb"
+    archive = out_dir / f"{name}_obj.zip"
+    world_from_model = write_glb(glb, positions, faces_uv, uvs, texture, world_from_normalised, unlit=unlit, up=up)
+    write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name)
+    return {"glb": glb, "zip": archive, "world_from_model": world_from_model}
+
+
+def corner_positions(mesh: TexturedMesh) -> np.ndarray:  # [Vt, 3] the position of every UV vertex
+    """Positions indexed like ``mesh.uvs`` (each UV vertex belongs to exactly one position)."""
+    positions = np.zeros((len(mesh.uvs), 3), dtype=np.float64)
+    positions[mesh.faces_uv.reshape(-1)] = mesh.vertices[mesh.faces.reshape(-1)]
+    return positions
+
+
+def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB coordinates, world_from_model)
+    """Read a GLB written by `write_glb` (or any textured GLB plus its world_from_model extras)."""
+    world_from_model = read_world_from_model(path)
+    try:
+        loaded = trimesh.load(path, force="mesh", process=False)
+    except Exception as exc:  # trimesh raises many types for broken files
+        raise PipelineError(f"cannot read {path} as a GLB ({exc}); give a .glb written by this pipeline") from None
+    visual = loaded.visual
+    image = getattr(getattr(visual, "material", None), "baseColorTexture", None)
+    if getattr(visual, "uv", None) is None or image is None:
+        raise PipelineError(f"{path} has no texture coordinates or base-colour texture")
+    uv = np.asarray(visual.uv, dtype=np.float32).copy()
+    uv[:, 1] = 1.0 - uv[:, 1]  # trimesh hands UVs over in the OBJ convention (v = 0 at the bottom)
+    texture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    faces = np.asarray(loaded.faces, dtype=np.int32)
+    mesh = TexturedMesh(np.asarray(loaded.vertices, dtype=np.float32), faces, uv, faces.copy(), texture)
+    return mesh, world_from_model

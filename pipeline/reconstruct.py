@@ -17,6 +17,7 @@ from .errors import PipelineError
 from .evaluate import compare_views
 from .events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
+from .importers import save_cameras_json
 from .mesh import TexturedMesh, clip_range
 from .normalize import estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, project_photos, refine
@@ -62,10 +63,11 @@ def reconstruct(
     out_dir: Union[str, Path],
     cancel: Optional[Callable[[], bool]] = None,
     device: Union[str, torch.device, None] = None,
+    name: str = "model",
 ) -> Iterator[Event]:
     """Reconstruct a textured mesh from a posed, masked capture, streaming events.
 
-    Writes ``model.glb``, ``model_obj.zip`` and ``cameras.json`` into ``out_dir`` and ends with a
+    Writes ``{name}.glb``, ``{name}_obj.zip`` and ``{name}_cameras.json`` into ``out_dir`` and ends with a
     `Result`. ``cancel()`` is polled every iteration; when it returns True the generator stops
     (yielding a Warning) and releases GPU memory. Raises PipelineError for unusable input.
     """
@@ -99,7 +101,7 @@ def reconstruct(
         yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
         _check_cancel(cancel)
         vertices, faces = export.simplify(vertices, faces, config.refine.mesh_faces)
-        vmapping, faces_uv, uvs = export.unwrap(vertices, faces)
+        vmapping, faces_uv, uvs = export.unwrap(vertices, faces, texture_size=config.refine.texture_size)
         yield Progress("hull", 0.8, "texture from the photos")
         mesh = _initial_texture(vertices, faces, uvs, faces_uv, fit, cameras, config, rasterizer)
         timings["hull"] = _now() - start
@@ -116,8 +118,9 @@ def reconstruct(
         # ---------------------------------------------------------------- export
         start = _now()
         yield StageStarted("export", f"GLB with {config.export.target_faces} triangles at most")
-        files = export.export_mesh(mesh, out_dir, world_from_normalised, up, config.export, rasterizer)
-        export.save_cameras(capture, out_dir / "cameras.json")
+        files = export.export_textured_mesh(mesh, out_dir, world_from_normalised, up, config.export.target_faces,
+                                            unlit=config.export.unlit, name=name, rasterizer=rasterizer)
+        cameras_path = save_cameras_json(capture, None, out_dir / f"{name}_cameras.json")
         yield Progress("export", 0.7, "measuring the result against the photos")
         means, per_view = compare_views(mesh, cameras, fit.images, fit.masks, fit.names, rasterizer)
         metrics = {f"train_{k}": v for k, v in means.items()}
@@ -131,7 +134,7 @@ def reconstruct(
         yield Metrics("export", metrics)
         yield StageFinished("export", timings["export"])
         timings["total"] = sum(timings.values())
-        yield Result(glb_path=str(files["glb"]), zip_path=str(files["zip"]), cameras_path=str(out_dir / "cameras.json"),
+        yield Result(glb_path=str(files["glb"]), zip_path=str(files["zip"]), cameras_path=str(cameras_path),
                      metrics=metrics, per_view=per_view, timings=timings, heldout=heldout)
     except Cancelled:
         yield Warning("cancelled: the reconstruction was stopped before it finished")

@@ -243,3 +243,13 @@ def test_bad_inputs_are_clear_errors():
         R.rasterize(torch.zeros(3, 4), torch.zeros(1, 3, dtype=torch.int32), (8, 8))
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         Rasterizer(backend="nvdiffrast", device="cpu")
+
+
+def test_triangle_id_encoding_round_trips_above_float_precision():
+    from pipeline.render.torch_backend.rasterize import decode_triangle_ids, encode_triangle_ids
+
+    ids = torch.tensor([0, 1, 2**24 - 1, 2**24, 2**24 + 1, 2**24 + 7, 40_000_000])
+    encoded = encode_triangle_ids(ids)
+    assert encoded.dtype == torch.float32
+    assert torch.equal(decode_triangle_ids(encoded), ids)
+    assert float(encoded[2]) == 2**24 - 1  # small ids are plain floats, as in nvdiffrast

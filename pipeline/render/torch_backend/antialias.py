@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rasterize import decode_triangle_ids
+
 # An edge may cross up to 1/16 pixel outside the segment between the pixel centres: coverage was
 # decided with vertices snapped to 1/16 pixel, the crossing is computed from unsnapped ones.
 CROSSING_TOLERANCE = 1.0 / 16.0
 # nvdiffrast differentiates the crossing with 1 / (dy + 1e-3 sign(dy)) (dy: the edge's extent
 # across the pair, in pixels) so that tiny edges cannot produce huge gradients.
 GRAD_DY_EPS = 1e-3
-# Triangle ids above 2^24 are stored by nvdiffrast as float bit patterns offset by this.
-_LARGE_ID_BITS = 0x4A800000
 
 
 def antialias(
@@ -203,9 +203,7 @@ def _max_ratio3(num: Tensor, den: Tensor) -> Tensor:  # [N, 3] each -> [N] int64
 
 def _triangle_ids(channel: Tensor) -> Tensor:  # [...] float32 -> [...] int64, -1 = background
     """Decode rast's triangle_id + 1 channel (nvdiffrast stores ids above 2^24 as bit patterns)."""
-    small = channel <= 16777216.0
-    large = channel.contiguous().view(torch.int32).long() - _LARGE_ID_BITS
-    return torch.where(small, channel.long(), large) - 1
+    return decode_triangle_ids(channel) - 1
 
 
 def _opposite_vertices(tri: Tensor) -> Tensor:  # [F, 3] int64 -> [F, 3] int64

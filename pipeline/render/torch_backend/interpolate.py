@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .rasterize import decode_triangle_ids
+
 
 def interpolate(
     attr: Tensor,  # [B, V, C], [1, V, C] or [V, C] (range mode)
@@ -19,7 +21,7 @@ def interpolate(
     batch, height, width, _ = rast.shape
     channels = attr.shape[-1]
     flat = rast.reshape(-1, 4)
-    tri_id = flat[:, 3].detach().long()  # [P] id + 1, 0 = empty
+    tri_id = decode_triangle_ids(flat[:, 3].detach())  # [P] id + 1, 0 = empty
     covered = torch.nonzero(tri_id > 0).squeeze(1)  # [N]
     vidx = tri.long()[tri_id[covered] - 1]  # [N, 3]
     if attr.dim() == 2:

@@ -23,6 +23,22 @@ MAX_SUBPIXEL_COORD = 1 << 29
 # Upper bound on (triangle, pixel) candidate pairs processed at once: ~100 MB of temporaries.
 PAIR_BUDGET = 1 << 20
 _EMPTY_KEY = torch.iinfo(torch.int64).max
+# Triangle ids + 1 above 2^24 are not exact in float32: nvdiffrast stores them as float bit
+# patterns offset by this constant (`triidx_to_float`), and so do we.
+_LARGE_ID_BITS = 0x4A800000
+_EXACT_ID_LIMIT = 1 << 24
+
+
+def encode_triangle_ids(ids: Tensor) -> Tensor:  # [...] int64 triangle_id + 1 -> [...] float32
+    """rast's fourth channel, exactly as nvdiffrast encodes it."""
+    large = (ids + _LARGE_ID_BITS).to(torch.int32).view(torch.float32)
+    return torch.where(ids <= _EXACT_ID_LIMIT, ids.to(torch.float32), large)
+
+
+def decode_triangle_ids(channel: Tensor) -> Tensor:  # [...] float32 -> [...] int64 triangle_id + 1 (0 = empty)
+    """Inverse of `encode_triangle_ids`."""
+    large = channel.contiguous().view(torch.int32).long() - _LARGE_ID_BITS
+    return torch.where(channel <= float(_EXACT_ID_LIMIT), channel.long(), large)
 
 
 def rasterize(
@@ -65,7 +81,7 @@ def rasterize(
     vidx = tri_l[tri_id]  # [N, 3]
     clip = pos[vidx] if ranges is not None else pos[image[:, None], vidx]  # [N, 3, 4]
     values, db = _barycentrics(clip, row, col, height, width, grad_db)
-    values = torch.cat([values, (tri_id + 1).to(values.dtype)[:, None]], dim=1)
+    values = torch.cat([values, encode_triangle_ids(tri_id + 1)[:, None]], dim=1)
 
     rast = torch.zeros(pixel_count, 4, dtype=pos.dtype, device=device).index_put((covered,), values)
     rast_db = torch.zeros(pixel_count, 4, dtype=pos.dtype, device=device).index_put((covered,), db)
