@@ -36,9 +36,56 @@ def _run_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reconstruct(subparsers) -> None:
+    from .config import PRESETS  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "reconstruct", help="photos (+ masks + camera file) -> textured GLB and OBJ zip",
+        description="Reconstruct a textured mesh from a capture folder or a list of files.",
+    )
+    p.add_argument("input", nargs="*", help="capture folder, or photo / mask / camera files")
+    p.add_argument("-o", "--output", help="output .glb path (the OBJ zip and cameras.json go beside it)")
+    p.add_argument("--preset", default="balanced", choices=list(PRESETS), help="quality preset (default: balanced)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set refine.iterations=300 (see `--list-settings`)")
+    p.add_argument("--list-settings", action="store_true", help="print every setting with its range and exit")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--split", default="train", help="which split of a NeRF-style capture to fit (default: train)")
+    p.set_defaults(run=_run_reconstruct)
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    from .cli import run_reconstruct  # noqa: PLC0415
+
+    return run_reconstruct(args)
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="held-out PSNR / mask IoU of a GLB against photos; Chamfer and F-score with --gt",
+        description="Render a GLB written by `reconstruct` into the cameras of a capture (its held-out split by "
+        "default) and compare with the photos; with --gt, compare the geometry with a ground-truth mesh.",
+    )
+    p.add_argument("glb", help="a .glb written by `python -m pipeline reconstruct`")
+    p.add_argument("input", nargs="+", help="capture folder or files with the views to compare against")
+    p.add_argument("--split", default="test", help="split of a NeRF-style capture to compare against (default: test)")
+    p.add_argument("--gt", help="ground-truth mesh (any format trimesh reads) in the capture's world frame")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .cli import run_eval  # noqa: PLC0415
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Photos of an object -> textured 3D model.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_reconstruct(subparsers)
+    _add_eval(subparsers)
     _add_weights(subparsers)
     return parser
 

@@ -41,7 +41,7 @@ def uniform_laplacian(faces: Tensor, num_vertices: int) -> Tensor:  # sparse [V,
     diag = torch.arange(num_vertices, device=faces.device)
     index = torch.cat([edges.T, torch.stack([diag, diag])], dim=1)
     values = torch.cat([values, torch.ones(num_vertices, device=faces.device)])
-    return torch.sparse_coo_tensor(index, values, (num_vertices, num_vertices)).coalesce()
+    return torch.sparse_coo_tensor(index, values, (num_vertices, num_vertices), check_invariants=False).coalesce()
 
 
 def texel_positions(
@@ -249,7 +249,7 @@ def refine(
                 image = (strip.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             yield Preview(STAGE, image, f"step {step + 1}: render | photo | turntable")
             yield Metrics(STAGE, {"loss": float(loss_sum) / (step + 1), "step": step + 1,
-                                  "color_l1": float(color_loss), "mask_mse": float(mask_loss)})
+                                  "color_l1": float(color_loss.detach()), "mask_mse": float(mask_loss.detach())})
 
     return TexturedMesh(
         vertices=vertices.detach().cpu().numpy().astype(np.float32),
