@@ -1,0 +1,180 @@
+"""End to end on CPU: posed captures -> textured GLB, measured against held-out photos and true shapes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from pipeline import events
+from pipeline.capture import Capture
+from pipeline.config import apply_overrides, preset
+from pipeline.errors import PipelineError
+from pipeline.evaluate import chamfer_fscore, compare_views
+from pipeline.export import load_glb
+from pipeline.importers import load_capture
+from pipeline.mesh import TexturedMesh
+from pipeline.reconstruct import reconstruct
+from pipeline.render import Rasterizer
+from pipeline.synthetic import load_textured_mesh, orbit_cameras, render_capture
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LEGO = FIXTURES / "lego_128"
+SPOT = FIXTURES / "spot" / "spot.obj"
+REPO = Path(__file__).parents[1]
+
+
+def _fast(**overrides):
+    config = preset("fast")
+    return apply_overrides(config, overrides)
+
+
+def _run(capture, config, out_dir, **kwargs):
+    collected = list(reconstruct(capture, config, out_dir, device="cpu", **kwargs))
+    results = [e for e in collected if isinstance(e, events.Result)]
+    return collected, (results[0] if results else None)
+
+
+def _in_world(glb_path) -> TexturedMesh:
+    mesh, world_from_model = load_glb(glb_path)
+    vertices = mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]
+    return TexturedMesh(vertices.astype(np.float32), mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)
+
+
+@pytest.fixture(scope="module")
+def lego_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lego")
+    capture = load_capture(LEGO)
+    collected, result = _run(capture, _fast(**{"refine.iterations": 150}), out)
+    return collected, result
+
+
+def test_lego_heldout_quality(lego_run):
+    _, result = lego_run
+    assert result is not None
+    held = load_capture(LEGO, split="test")
+    assert len(held) == 8
+    means, per_view = compare_views(_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names,
+                                    Rasterizer(backend="torch", device="cpu"))
+    print("lego held-out", means)
+    assert means["mask_iou"] >= 0.90
+    assert means["psnr"] >= 22.0
+    assert min(v["mask_iou"] for v in per_view.values()) >= 0.85
+
+
+def test_lego_event_stream(lego_run):
+    collected, result = lego_run
+    stages = [(type(e).__name__, e.stage) for e in collected if isinstance(e, (events.StageStarted, events.StageFinished))]
+    assert stages == [(kind, stage) for stage in ("ingest", "hull", "refine", "export")
+                      for kind in ("StageStarted", "StageFinished")]
+    assert isinstance(collected[-1], events.Result)
+    previews = [e for e in collected if isinstance(e, events.Preview)]
+    assert len(previews) >= 3
+    image = previews[-1].image
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[1] == 3 * image.shape[0]
+    # The render (left) must look like the photo (middle) by the end.
+    third = image.shape[1] // 3
+    diff = np.abs(image[:, :third].astype(float) - image[:, third:2 * third].astype(float)).mean()
+    assert diff < 20
+    progress = [e.fraction for e in collected if isinstance(e, events.Progress) and e.stage == "refine"]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert set(result.timings) >= {"ingest", "hull", "refine", "export", "total"}
+    assert len(result.per_view) == 24 and all("psnr" in v and "mask_iou" in v for v in result.per_view.values())
+
+
+def test_lego_outputs_are_valid_files(lego_run, validate_glb):
+    _, result = lego_run
+    report = validate_glb(result.glb_path)
+    assert report["issues"]["numErrors"] == 0
+    loaded = trimesh.load(result.glb_path, force="mesh")
+    assert loaded.visual.material.baseColorTexture is not None
+    assert len(loaded.faces) <= 10000
+    obj = trimesh.load(result.zip_path, file_type="zip", force="mesh")
+    assert len(obj.faces) == len(loaded.faces)
+    cams = json.loads(Path(result.cameras_path).read_text())
+    assert cams["format"] == "photo3d-cameras" and len(cams["frames"]) == 24
+
+
+def test_spot_geometry(tmp_path):
+    truth = load_textured_mesh(SPOT)
+    center = (truth.vertices.max(0) + truth.vertices.min(0)) / 2
+    capture = render_capture(truth, orbit_cameras(24, 128, center, 3.5), Rasterizer(backend="torch", device="cpu"))
+    _, result = _run(capture, _fast(**{"refine.iterations": 120}), tmp_path)
+    mesh = _in_world(result.glb_path)
+    scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces, samples=50_000)
+    print("spot", scores)
+    assert scores["chamfer_l1_pct_diag"] <= 1.0
+    assert scores["fscore_1pct"] >= 0.9
+
+
+def test_cancel_stops_and_yields_no_result(tmp_path):
+    capture = load_capture(LEGO)
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 5  # a few polls into the run
+
+    collected, result = _run(capture, _fast(), tmp_path, cancel=cancel)
+    assert result is None
+    assert isinstance(collected[-1], events.Warning) and "cancelled" in collected[-1].message
+    assert not list(tmp_path.glob("*.glb"))
+
+
+def _small(capture: Capture, count: int) -> Capture:
+    return capture.subset(np.arange(count))
+
+
+@pytest.mark.parametrize("case", ["too_few", "no_cameras", "no_masks", "empty_mask", "nan_pose", "no_common_volume"])
+def test_bad_input_is_a_clear_error(case, tmp_path):
+    capture = load_capture(LEGO)
+    if case == "too_few":
+        capture, match = _small(capture, 2), "only 2 photo"
+    elif case == "no_cameras":
+        capture.cameras, match = None, "no camera poses"
+    elif case == "no_masks":
+        capture.masks, match = None, "no object masks"
+    elif case == "empty_mask":
+        capture.masks[3] = 0
+        match = capture.names[3]
+    elif case == "nan_pose":
+        capture.cameras.world_to_camera[5, 0, 3] = np.nan
+        match = "NaN"
+    else:  # every camera turned around on the spot, looking away from the object
+        turn = np.diag([-1.0, 1.0, -1.0])
+        capture.cameras.world_to_camera[:, :3, :] = turn @ capture.cameras.world_to_camera[:, :3, :]
+        match = "volume"
+    with pytest.raises(PipelineError, match=match):
+        _run(capture, _fast(), tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "reconstruct", str(tmp_path / "missing"), "-o",
+                           str(tmp_path / "x.glb")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "reconstruct", str(LEGO), "-o", str(tmp_path / "x.glb"),
+                           "--set", "refine.iterations=-3"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "outside its range" in proc.stderr
+
+
+def test_cli_reconstruct_and_eval(tmp_path):
+    out = tmp_path / "lego.glb"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "reconstruct", str(LEGO), "-o", str(out), "--preset",
+                           "fast", "--set", "refine.iterations=20", "--set", "texture_size=256"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "train_psnr" in proc.stdout and "refine" in proc.stderr
+    assert out.exists() and (tmp_path / "lego_obj.zip").exists() and (tmp_path / "lego_cameras.json").exists()
+    world = _in_world(out)
+    truth = tmp_path / "same_surface.ply"  # the model itself in the world frame: Chamfer must be ~0
+    trimesh.Trimesh(world.vertices, world.faces, process=False).export(truth)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "eval", str(out), str(LEGO), "--json", "--gt", str(truth)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["summary"]
+    assert report["views"] == 8 and report["heldout_mask_iou"] > 0.85
+    assert report["chamfer_l1_pct_diag"] < 0.2 and report["fscore_1pct"] > 0.99
