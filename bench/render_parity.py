@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -156,6 +157,8 @@ def main() -> int:
 
 
 def _git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -1,0 +1,172 @@
+"""End-to-end GPU benchmark: speed and quality of the whole pipeline. Prints one JSON document and
+writes it under bench/results/ (named with the date, GPU and commit).
+
+- lego (NeRF-synthetic, CC BY-NC: non-commercial) at 400 px: 90 training views, every 10th of the
+  100 held out; time per stage, end to end (load to GLB written), refinement ms/iteration,
+  held-out PSNR / SSIM / mask IoU, peak GPU memory;
+- spot and bob rendered into 48 views at 512 px with nvdiffrast and reconstructed: Chamfer-L1 and
+  F-score at 1% of the bounding-box diagonal against the true meshes;
+- the raw cost of one nvdiffrast rasterize + interpolate + texture + antialias forward+backward at
+  the refinement's batch, resolution and triangle count, so refine_ms_per_iter can be quoted as a
+  ratio to it.
+
+    python bench/gpu_e2e.py --data ../shared/data [--preset balanced] [--set KEY=VALUE ...] [--only lego]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import events  # noqa: E402
+from pipeline.config import apply_overrides, preset  # noqa: E402
+from pipeline.evaluate import chamfer_fscore, compare_views  # noqa: E402
+from pipeline.export import load_glb  # noqa: E402
+from pipeline.importers import load_capture  # noqa: E402
+from pipeline.mesh import TexturedMesh, render_textured  # noqa: E402
+from pipeline.reconstruct import reconstruct, split_holdout  # noqa: E402
+from pipeline.render import Rasterizer  # noqa: E402
+from pipeline.synthetic import load_textured_mesh, orbit_cameras, render_capture  # noqa: E402
+
+
+def in_world(glb_path: str) -> TexturedMesh:
+    mesh, world_from_model = load_glb(glb_path)
+    vertices = mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]
+    return TexturedMesh(vertices.astype(np.float32), mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)
+
+
+def run_pipeline(capture, config, out_dir: Path) -> tuple[events.Result, dict]:
+    refine_steps = {}
+    result = None
+    for event in reconstruct(capture, config, out_dir, device="cuda"):
+        if isinstance(event, events.Result):
+            result = event
+        elif isinstance(event, events.Metrics) and event.stage == "hull":
+            refine_steps["faces"] = event.values["faces"]
+    return result, refine_steps
+
+
+def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, repeats: int = 20) -> float:
+    """ms per nvdiffrast rasterize+interpolate+texture+antialias forward+backward of a sphere with
+    ``faces`` triangles into ``views`` views: the floor the refinement loop is compared with."""
+    from bench.render_cpu import uv_sphere  # noqa: PLC0415
+
+    vertices, tri = uv_sphere(faces)
+    vertices, tri = vertices.cuda(), tri.cuda()
+    uvs = (vertices[:, :2] * 0.5 + 0.5).contiguous()
+    cams = orbit_cameras(views, resolution, np.zeros(3), 3.0)
+    mats = torch.tensor(cams.clip_matrices((resolution, resolution), 0.5, 6.0), dtype=torch.float32, device="cuda")
+    texture = torch.rand(1, texture_size, texture_size, 3, device="cuda", requires_grad=True)
+    r = Rasterizer(backend="nvdiffrast", device="cuda")
+
+    def step():
+        verts = vertices.clone().requires_grad_(True)
+        rgb, alpha = render_textured(r, verts, tri, uvs, tri, texture, mats, (resolution, resolution))
+        (rgb.sum() + alpha.sum()).backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def bench_lego(data: Path, config, out: Path) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    capture = load_capture(data / "lego", max_side=config.ingest.max_image_side)
+    fit, held = split_holdout(capture, 10)
+    result, info = run_pipeline(fit, config, out / "lego")
+    e2e = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    r = Rasterizer(device="cuda")
+    means, _ = compare_views(in_world(result.glb_path), held.cameras, held.images, held.masks, held.names, r, ssim=True)
+    refine = config.refine
+    refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
+    height = min(refine.render_resolution, capture.resolution[0])
+    raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size)
+    return {
+        "views_train": len(fit), "views_heldout": len(held), "resolution": list(capture.resolution),
+        "e2e_seconds": e2e, "stage_seconds": result.timings,
+        "heldout_psnr": means["psnr"], "heldout_ssim": means["ssim"], "mask_iou": means["mask_iou"],
+        "train_psnr": result.metrics.get("train_psnr"),
+        "refine_iterations": refine.iterations, "refine_iters_per_second": refine.iterations / result.timings["refine"],
+        "refine_ms_per_iter": refine_ms, "raw_ms_per_iter": raw_ms, "refine_over_raw": refine_ms / raw_ms,
+        "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
+    }
+
+
+def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
+    truth = load_textured_mesh(data / obj)
+    center = (truth.vertices.max(0) + truth.vertices.min(0)) / 2
+    radius = float(np.linalg.norm(truth.vertices - center, axis=1).max())
+    cams = orbit_cameras(48, 512, center, 2.6 * radius)
+    capture = render_capture(truth, cams, Rasterizer(backend="nvdiffrast", device="cuda"))
+    start = time.perf_counter()
+    result, _ = run_pipeline(capture, config, out / name)
+    seconds = time.perf_counter() - start
+    mesh = in_world(result.glb_path)
+    scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces)
+    return {"views": 48, "resolution": 512, "e2e_seconds": seconds, "train_psnr": result.metrics.get("train_psnr"),
+            "chamfer_l1_pct_diag": scores["chamfer_l1_pct_diag"], "fscore_1pct": scores["fscore_1pct"],
+            "chamfer_l1": scores["chamfer_l1"], "bbox_diag": scores["bbox_diag"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--only", choices=["lego", "spot", "bob"], action="append")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_e2e"))
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device"}))
+        return 1
+    config = apply_overrides(preset(args.preset), dict(kv.split("=", 1) for kv in args.overrides))
+    commit = _git_commit()
+    report = {"gpu": torch.cuda.get_device_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides}
+    only = args.only or ["lego", "spot", "bob"]
+    # Warm up CUDA and nvdiffrast's kernels so the first benchmark doesn't pay for them.
+    raw_render_cost(2000, 2, 64, 64, repeats=1)
+    if "lego" in only:
+        report["lego"] = bench_lego(args.data, config, args.out)
+    for name, obj in (("spot", "spot/spot.obj"), ("bob", "bob/bob_tri.obj")):
+        if name in only:
+            report[name] = bench_mesh(args.data, name, obj, config, args.out)
+    text = json.dumps(report, indent=2)
+    print(text)
+    args.results.mkdir(parents=True, exist_ok=True)
+    gpu = report["gpu"].replace(" ", "-")
+    (args.results / f"gpu_e2e_{report['date']}_{gpu}_{commit}.json").write_text(text + "\n")
+    return 0
+
+
+def _git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
