@@ -58,7 +58,7 @@ def cameras_around(views: int, size: int, seed: int = 0) -> Cameras:
     return Cameras(np.repeat(k[None], views, 0), w2c, np.full((views, 2), size))
 
 
-def run_backend(backend: str, scene: dict, repeats: int):
+def run_backend(backend: str, scene: dict, repeats: int, textured: bool = True):
     r = Rasterizer(backend=backend, device="cuda")
     res = scene["res"]
 
@@ -68,14 +68,17 @@ def run_backend(backend: str, scene: dict, repeats: int):
         rast, rast_db = r.rasterize(pos, scene["tri"], (res, res))
         colour, _ = r.interpolate(attr[None], rast, scene["tri"])
         uv, uv_da = r.interpolate(scene["uv"][None], rast, scene["tri"], rast_db=rast_db, diff_attrs="all")
-        tex = r.texture(scene["tex"], uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="wrap")
+        if textured:
+            tex = r.texture(scene["tex"], uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="wrap")
+        else:
+            tex = torch.ones_like(colour)
         shaded = colour * tex * (rast[..., 3:] > 0)
         out = r.antialias(shaded, rast, pos, scene["tri"])
         (out * scene["weights"]).sum().backward()
         return rast, colour, uv, tex, out, pos.grad, attr.grad
 
     result = forward_backward()
-    for _ in range(2):  # warm-up (kernel compilation, allocator)
+    for _ in range(2 if repeats else 0):  # warm-up (kernel compilation, allocator)
         forward_backward()
     times = []
     for _ in range(repeats):
@@ -84,7 +87,7 @@ def run_backend(backend: str, scene: dict, repeats: int):
         forward_backward()
         torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - start))
-    return result, float(np.median(times))
+    return result, float(np.median(times)) if times else float("nan")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,6 +124,9 @@ def main() -> int:
             }
             (rast_t, col_t, uv_t, tex_t, out_t, gpos_t, gattr_t), ms_t = run_backend("torch", scene, args.repeats)
             (rast_n, col_n, uv_n, tex_n, out_n, gpos_n, gattr_n), ms_n = run_backend("nvdiffrast", scene, args.repeats)
+            # The same without texture: separates rasterize+antialias gradients from texture ones.
+            (_, _, _, _, _, gpos_tp, _), _ = run_backend("torch", scene, 0, textured=False)
+            (_, _, _, _, _, gpos_np, _), _ = run_backend("nvdiffrast", scene, 0, textured=False)
             id_t, id_n = rast_t[..., 3], rast_n[..., 3]
             either = (id_t > 0) | (id_n > 0)
             agree = (id_t == id_n) & either
@@ -128,12 +134,13 @@ def main() -> int:
                 "mesh": name, "resolution": res, "views": args.views, "triangles": int(len(faces)),
                 "covered_pixels": int(either.sum()),
                 "id_agreement": float(agree.sum() / either.sum()),
-                "attr_max_abs_diff": float((col_t - col_n)[agree].abs().max()),
+                "attr_max_abs_diff": float((col_t - col_n).detach()[agree].abs().max()),
                 "uv_max_abs_diff": float((uv_t - uv_n)[agree].abs().max()),
                 "texture_max_abs_diff": float((tex_t - tex_n)[agree].abs().max()),
                 "texture_p99_abs_diff": float((tex_t - tex_n)[agree].abs().flatten().quantile(0.99)),
                 "antialias_mean_abs_diff": float((out_t - out_n).abs().mean()),
                 "pos_grad_cosine": cosine(gpos_t, gpos_n),
+                "pos_grad_cosine_untextured": cosine(gpos_tp, gpos_np),
                 "attr_grad_cosine": cosine(gattr_t, gattr_n),
                 "ms_torch": ms_t, "ms_nvdiffrast": ms_n, "speed_ratio_torch_over_nvdiffrast": ms_t / ms_n,
             })
