@@ -23,14 +23,25 @@ Conventions, all as nvdiffrast:
 * Gradients: nearest -> tex; linear -> tex, uv; linear-mipmap-linear -> tex (through the
   differentiable mip pyramid), uv and uv_da. Like nvdiffrast, uv_da gets no gradient where the LOD
   is clamped or has no fractional part, and none where the footprint is exactly isotropic
-  (J^T J a multiple of the identity), where the eigenvalue is not differentiable.
+  (J^T J a multiple of the identity), where the eigenvalue is not differentiable. On a row or
+  column of texel centres (a kink of the bilinear function) the uv gradient is nvdiffrast's
+  one-sided one, from taps (i, i + 1).
 
-Implementation: all mip levels, each padded by ``_PAD`` texels according to the boundary mode,
-are packed into one atlas, and every bilinear lookup is one `torch.nn.functional.grid_sample`
-tap on it (autograd gives all gradients). Texel coordinates are computed as nvdiffrast computes
-them (``u * w - 0.5`` in the input dtype); the atlas offset and grid_sample's normalisation add
-float rounding of order 1e-4 texel for 1024-texel float32 textures. This is about twice as fast
-on CPU as gathering the 8 trilinear taps with index ops and weighting them in autograd.
+Implementation: all mip levels, each padded by ``_PAD`` texels as the boundary mode reads them,
+are packed into one atlas, and each bilinear lookup is one `torch.nn.functional.grid_sample` tap
+into it, so autograd supplies every gradient. On the 2-core development CPU this measured about
+twice as fast as gathering the 8 trilinear taps with index ops and weighting them in autograd.
+Texel coordinates are computed as nvdiffrast computes them (``u * w - 0.5`` in the input dtype);
+moving them into the atlas and grid_sample's normalisation round them by up to ~1e-4 texel for
+a 1024-texel float32 texture, so values differ from nvdiffrast by up to ~1e-4 of the contrast
+between neighbouring texels, and a lookup within that distance of a texel centre may take its
+uv gradient from the neighbouring cell. Lookups exactly on texel centres are exact (see `_atlas`).
+Mip blocks are summed in a different order than nvdiffrast's, which can differ in the last bit.
+
+In zero mode, nvdiffrast's texture gradient (checked on an H200 build) is not the adjoint of its
+own forward pass near the texture edges (up to O(1) errors on texels whose bilinear quads are
+partly outside); the gradient here is the exact adjoint, so parity benches show a difference
+there that is nvdiffrast's.
 """
 
 from __future__ import annotations
@@ -104,14 +115,13 @@ def texture(
         u = u - torch.floor(u)
         v = v - torch.floor(v)
 
-    # A view, not a copy: grid_sample and avg_pool2d take [Bt, C, h, w] in any memory layout.
-    tex_nchw = tex.permute(0, 3, 1, 2)
     if filter_mode == "linear":
-        levels = [tex_nchw]
-        x, y = _level_coords(u, v, tex_w, tex_h, boundary_mode)
+        levels = [tex]
+        x, y, on_lines = _level_coords(u, v, tex_w, tex_h, boundary_mode)
         samples = [(x, y, torch.zeros_like(x, dtype=torch.long))]
+        any_on_lines = bool(on_lines.any())
     else:
-        levels = _mip_pyramid_nchw(tex_nchw, max_mip_level)
+        levels = mip_pyramid(tex, max_mip_level)
         top = len(levels) - 1
         lod = _level_of_detail(uv_da.reshape(-1, 4), tex_w, tex_h, top)
         level0 = torch.floor(lod)
@@ -120,13 +130,16 @@ def texture(
         frac = torch.where(frac > 0, frac, torch.zeros_like(frac))
         level0 = level0.long()
         level1 = torch.clamp(level0 + 1, max=top)
-        sizes = torch.tensor([lvl.shape[2:] for lvl in levels], dtype=u.dtype, device=u.device)  # [L, 2] (h, w)
+        # [L, 2] (h, w) per level, gathered per pixel below.
+        sizes = torch.tensor([lvl.shape[1:3] for lvl in levels], dtype=u.dtype, device=u.device)
         samples = []
+        any_on_lines = False
         for level in (level0, level1):
-            x, y = _level_coords(u, v, sizes[level, 1], sizes[level, 0], boundary_mode)
+            x, y, on_lines = _level_coords(u, v, sizes[level, 1], sizes[level, 0], boundary_mode)
             samples.append((x, y, level))
+            any_on_lines = any_on_lines or bool(on_lines.any())
 
-    atlas, origins = _atlas(levels, boundary_mode)  # [Bt, C, Ha, Wa]
+    atlas, origins = _atlas(levels, boundary_mode, exact_integers=any_on_lines)  # [Bt, C, Ha, Wa]
     grid = _atlas_grid(samples, origins, atlas.shape[2:], tex_batch).to(tex.dtype)  # [Bt, S N / Bt, 1, 2]
     sampled = F.grid_sample(atlas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # [Bt, C, S, N / Bt] with S = number of samples per pixel (1 or 2).
@@ -152,28 +165,43 @@ def mip_pyramid(
         ValueError: when a side larger than 1 that must be halved is odd (resize the texture to
             power-of-two sides or limit ``max_mip_level``, as nvdiffrast asks).
     """
-    return [level.permute(0, 2, 3, 1) for level in _mip_pyramid_nchw(tex.permute(0, 3, 1, 2), max_mip_level)]
-
-
-def _mip_pyramid_nchw(
-    tex: Tensor,  # [Bt, C, h, w]
-    max_mip_level: Optional[int],
-) -> List[Tensor]:  # level l: [Bt, C, max(h >> l, 1), max(w >> l, 1)]
     levels = [tex]
-    height, width = tex.shape[2], tex.shape[3]
+    height, width = tex.shape[1], tex.shape[2]
     while (height > 1 or width > 1) and (max_mip_level is None or len(levels) <= max_mip_level):
         if (width > 1 and width % 2) or (height > 1 and height % 2):
-            sizes = " -> ".join(f"{lvl.shape[2]}x{lvl.shape[3]}" for lvl in levels)
+            sizes = " -> ".join(f"{lvl.shape[1]}x{lvl.shape[2]}" for lvl in levels)
             raise ValueError(
-                f"mip pyramid of a {tex.shape[2]}x{tex.shape[3]} texture cannot halve an odd side "
+                f"mip pyramid of a {tex.shape[1]}x{tex.shape[2]} texture cannot halve an odd side "
                 f"({sizes} -> ?); use power-of-two texture sides or limit max_mip_level"
             )
-        # avg_pool2d sums a block row by row (nvdiffrast's order) and divides by its size, the
-        # same as nvdiffrast's 0.25 * sum; its backward spreads gradients back without copies.
-        kernel = (2 if height > 1 else 1, 2 if width > 1 else 1)
-        levels.append(F.avg_pool2d(levels[-1], kernel))
+        levels.append(_box_halve(levels[-1]))
         height, width = max(height // 2, 1), max(width // 2, 1)
     return levels
+
+
+def _box_halve(
+    level: Tensor,  # [Bt, h, w, C], h and w even or 1 (not both 1)
+) -> Tensor:  # [Bt, max(h // 2, 1), max(w // 2, 1), C]
+    """Mean of 2x2 blocks (of pairs when a side is 1).
+
+    Neighbours are paired through reshapes and added as contiguous halves: fast both ways, and,
+    being elementwise, free of the per-call thread start-up that pooling kernels pay even on tiny
+    levels. The block sum is (top pair) + (bottom pair); nvdiffrast adds the four texels left to
+    right, which may differ in the last bit.
+    """
+    batch, height, width, channels = level.shape
+    scale = 1.0
+    if width > 1:
+        pairs = level.reshape(batch, height, width // 2, 2 * channels)
+        level = pairs[..., :channels] + pairs[..., channels:]
+        width //= 2
+        scale *= 0.5
+    if height > 1:
+        row = width * channels
+        pairs = level.reshape(batch, height // 2, 2 * row)
+        level = (pairs[..., :row] + pairs[..., row:]).view(batch, height // 2, width, channels)
+        scale *= 0.5
+    return level * scale
 
 
 def _nearest(
@@ -198,7 +226,8 @@ def _nearest(
         iy = y.clamp(0, tex_h - 1).long()
         index = iy * tex_w + ix
         if tex_batch > 1:
-            index = index + torch.arange(batch, device=u.device).repeat_interleave(u.shape[0] // batch) * (tex_h * tex_w)
+            image = torch.arange(batch, device=u.device).repeat_interleave(u.shape[0] // batch)
+            index = index + image * (tex_h * tex_w)
     values = tex.reshape(-1, channels).index_select(0, index)
     if boundary_mode == "zero":
         values = torch.where(inside[:, None], values, torch.zeros_like(values))
@@ -211,29 +240,37 @@ def _level_coords(
     level_w: Union[int, Tensor],  # int, or [N] per-pixel level widths (float)
     level_h: Union[int, Tensor],  # int, or [N] per-pixel level heights (float)
     boundary_mode: str,
-) -> Tuple[Tensor, Tensor]:  # x [N], y [N] continuous texel coordinates in the level
-    """nvdiffrast's texel coordinates, limited to where the padded level is valid."""
-    return _axis_coord(u, level_w, boundary_mode), _axis_coord(v, level_h, boundary_mode)
+) -> Tuple[Tensor, Tensor, Tensor]:  # x [N], y [N] texel coordinates in the level; on_lines [N] bool
+    """nvdiffrast's texel coordinates, limited to where the padded level is valid.
+
+    ``on_lines`` marks samples whose unclamped x or y is an integer, i.e. that lie on a row or
+    column of texel centres, where the bilinear function has a kink and the uv gradient depends
+    on which pair of taps is used.
+    """
+    x, x_on_line = _axis_coord(u, level_w, boundary_mode)
+    y, y_on_line = _axis_coord(v, level_h, boundary_mode)
+    return x, y, x_on_line | y_on_line
 
 
 def _axis_coord(
     t: Tensor,  # [N] u or v
     size: Union[int, Tensor],  # int, or [N] float
     boundary_mode: str,
-) -> Tensor:  # [N]
+) -> Tuple[Tensor, Tensor]:  # coordinate [N], integer-valued before clamping [N] bool
     coord = t * size - 0.5
+    on_line = coord == torch.floor(coord)
     if boundary_mode == "wrap":
-        return coord
+        return coord, on_line
     last = torch.as_tensor(size, dtype=coord.dtype, device=coord.device) - 1
     if boundary_mode == "clamp":
         clamped = torch.minimum(coord.clamp(min=0.0), last)
         # nvdiffrast fetches the edge texel twice when clamped onto an edge centre, so the lookup
         # has no gradient there; detaching on the bounds reproduces that.
         on_edge = (clamped == 0) | (clamped == last)
-        return torch.where(on_edge, clamped.detach(), clamped)
+        return torch.where(on_edge, clamped.detach(), clamped), on_line
     # Zero mode: beyond one texel outside, all four taps are zero; clamping there keeps the
     # lookup inside the level's zero padding without changing the value (or its zero gradient).
-    return torch.minimum(coord.clamp(min=-1.0), last + 1)
+    return torch.minimum(coord.clamp(min=-1.0), last + 1), on_line
 
 
 def _level_of_detail(
@@ -265,36 +302,53 @@ def _level_of_detail(
 
 
 def _atlas(
-    levels: List[Tensor],  # level l: [Bt, C, h_l, w_l]
+    levels: List[Tensor],  # level l: [Bt, h_l, w_l, C]
     boundary_mode: str,
+    exact_integers: bool,
 ) -> Tuple[Tensor, List[Tuple[int, int]]]:  # atlas [Bt, C, Ha, Wa], origins
     """Pack the padded levels into one image for grid_sample.
 
     Level 0 sits at the top left, levels 1.. are stacked below each other in a column to its
-    right. ``origins[l]`` is the atlas (row, column) of texel (0, 0) of level l. Built with pad and
-    cat, whose backward passes are views or cheap, rather than slice assignment into a buffer.
+    right; ``origins[l]`` is the atlas (row, column) of texel (0, 0) of level l. Built with pad
+    and cat, whose backward passes are cheap, not by slice assignment.
+
+    With ``exact_integers`` both atlas sides are rounded up to powers of two: grid_sample's
+    normalised coordinates then scale by powers of two, an integer texel coordinate survives the
+    round trip exactly, and a lookup on a texel centre uses taps (i, i + 1) as nvdiffrast does,
+    which fixes the one-sided uv gradient there. Otherwise rounding may pick (i - 1, i) instead
+    (same value); the padding to powers of two costs up to 4x the atlas area, hence optional.
     """
     pad = _PAD[boundary_mode]
-    padded = [_pad_level(lvl, boundary_mode) for lvl in levels]
+    # Channel-first views, as grid_sample takes them; it reads any memory layout.
+    padded = [_pad_level(lvl.permute(0, 3, 1, 2), boundary_mode) for lvl in levels]
+    base_h, base_w = padded[0].shape[2], padded[0].shape[3]
     origins = [(pad, pad)]
-    if len(padded) == 1:
-        return padded[0], origins
-    column_w = padded[1].shape[3]
     row = 0
     for lvl in padded[1:]:
-        origins.append((row + pad, padded[0].shape[3] + pad))
+        origins.append((row + pad, base_w + pad))
         row += lvl.shape[2]
-    column = torch.cat([_pad_to(lvl, lvl.shape[2], column_w) for lvl in padded[1:]], dim=2)
-    atlas_h = max(padded[0].shape[2], row)
-    atlas = torch.cat([_pad_to(padded[0], atlas_h, padded[0].shape[3]), _pad_to(column, atlas_h, column_w)], dim=3)
+    column_w = padded[1].shape[3] if len(padded) > 1 else 0
+    atlas_h, atlas_w = max(base_h, row), base_w + column_w
+    if exact_integers:
+        atlas_h, atlas_w = _pow2(atlas_h), _pow2(atlas_w)
+    if len(padded) == 1:
+        return _pad_to(padded[0], atlas_h, atlas_w), origins
+    column = torch.cat([_pad_to(lvl, lvl.shape[2], atlas_w - base_w) for lvl in padded[1:]], dim=2)
+    atlas = torch.cat([_pad_to(padded[0], atlas_h, base_w), _pad_to(column, atlas_h, atlas_w - base_w)], dim=3)
     return atlas, origins
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()
 
 
 def _pad_to(
     image: Tensor,  # [Bt, C, h, w]
     height: int,
     width: int,
-) -> Tensor:  # [Bt, C, height, width], zeros added at the bottom and right
+) -> Tensor:  # [Bt, C, height, width]
+    """Zeros added at the bottom and right (no copy when already that size)."""
     if image.shape[2] == height and image.shape[3] == width:
         return image
     return F.pad(image, (0, width - image.shape[3], 0, height - image.shape[2]))
@@ -304,15 +358,20 @@ def _pad_level(
     level: Tensor,  # [Bt, C, h, w]
     boundary_mode: str,
 ) -> Tensor:  # [Bt, C, h + 2 p, w + 2 p], p = _PAD[boundary_mode]
-    """Extend a level on every side with what the boundary mode reads there."""
+    """Extend a level on every side with what the boundary mode reads there.
+
+    Wrap and clamp pad one texel with cat, cheaper forward and backward than
+    F.pad(mode="circular"/"replicate"), whose kernels also pay a thread start-up on tiny levels.
+    """
     pad = _PAD[boundary_mode]
     if boundary_mode == "zero":
         return F.pad(level, (pad, pad, pad, pad))
-    if boundary_mode == "clamp":
-        return F.pad(level, (pad, pad, pad, pad), mode="replicate")
-    # Wrap by one texel; cat is cheaper than F.pad(mode="circular") forward and backward.
-    level = torch.cat([level[:, :, :, -1:], level, level[:, :, :, :1]], dim=3)
-    return torch.cat([level[:, :, -1:], level, level[:, :, :1]], dim=2)
+    if boundary_mode == "wrap":
+        left, right, top, bottom = slice(-1, None), slice(None, 1), slice(-1, None), slice(None, 1)
+    else:
+        left, right, top, bottom = slice(None, 1), slice(-1, None), slice(None, 1), slice(-1, None)
+    level = torch.cat([level[:, :, :, left], level, level[:, :, :, right]], dim=3)
+    return torch.cat([level[:, :, top], level, level[:, :, bottom]], dim=2)
 
 
 def _atlas_grid(
@@ -323,7 +382,8 @@ def _atlas_grid(
 ) -> Tensor:  # [Bt, S N / Bt, 1, 2] normalised (x, y) for grid_sample(align_corners=False)
     """grid_sample coordinates of every sample, grouped by texture batch, then sample."""
     atlas_h, atlas_w = atlas_hw
-    origin = torch.tensor(origins, dtype=samples[0][0].dtype, device=samples[0][0].device)  # [L, 2] (row, col)
+    # [L, 2] (row, column) per level, gathered per sample below.
+    origin = torch.tensor(origins, dtype=samples[0][0].dtype, device=samples[0][0].device)
     coords = []
     for x, y, level in samples:
         xa = x + origin[level, 1]
