@@ -34,7 +34,7 @@ from pipeline.render import Rasterizer  # noqa: E402
 MESHES = {"spot": ("spot/spot.obj", "spot/spot_texture.png"), "bob": ("bob/bob_tri.obj", "bob/bob_diffuse.png")}
 
 
-def load_mesh(data: Path, name: str):
+def load_mesh(data: Path, name: str, weld: bool = False):
     import trimesh  # noqa: PLC0415 (only the benchmarks need it on the GPU machine)
     from PIL import Image  # noqa: PLC0415
 
@@ -42,10 +42,17 @@ def load_mesh(data: Path, name: str):
     mesh = trimesh.load(data / obj, process=False, force="mesh")
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     vertices = (vertices - vertices.mean(0)) / np.linalg.norm(vertices - vertices.mean(0), axis=1).max()
+    faces = np.asarray(mesh.faces, dtype=np.int32)
+    if weld:  # one vertex per position: UV seams are then no longer boundary edges for antialias
+        vertices, index = np.unique(vertices, axis=0, return_inverse=True)
+        uv_by_position = np.zeros((len(vertices), 2), np.float32)
+        uv_by_position[index.reshape(-1)] = np.asarray(mesh.visual.uv, dtype=np.float32)
+        faces = index.reshape(-1)[faces].astype(np.int32)
+        mesh.visual.uv = uv_by_position
     uv = np.asarray(mesh.visual.uv, dtype=np.float32)
     uv[:, 1] = 1.0 - uv[:, 1]  # OBJ stores v = 0 at the bottom of the image; our textures start at the top
     image = np.asarray(Image.open(data / tex).convert("RGB"), dtype=np.float32) / 255.0
-    return vertices.astype(np.float32), np.asarray(mesh.faces, dtype=np.int32), uv, image
+    return vertices.astype(np.float32), faces, uv, image
 
 
 def cameras_around(views: int, size: int, seed: int = 0) -> Cameras:
@@ -106,10 +113,10 @@ def main() -> int:
         return 1
 
     scenes = []
-    for name in MESHES:
-        vertices, faces, uv_per_vertex, image = load_mesh(args.data, name)
+    for name, weld, resolutions in (("spot", False, (256, 512)), ("bob", False, (256, 512)), ("spot", True, (256,))):
+        vertices, faces, uv_per_vertex, image = load_mesh(args.data, name, weld)
         normals_colour = (vertices - vertices.min(0)) / (vertices.max(0) - vertices.min(0))
-        for res in (256, 512):
+        for res in resolutions:
             cams = cameras_around(args.views, res, seed=res)
             mats = torch.tensor(cams.clip_matrices((res, res), 0.5, 5.0), dtype=torch.float32, device="cuda")
             scene = {
@@ -131,7 +138,7 @@ def main() -> int:
             either = (id_t > 0) | (id_n > 0)
             agree = (id_t == id_n) & either
             scenes.append({
-                "mesh": name, "resolution": res, "views": args.views, "triangles": int(len(faces)),
+                "mesh": name + (" (welded)" if weld else ""), "resolution": res, "views": args.views, "triangles": int(len(faces)),
                 "covered_pixels": int(either.sum()),
                 "id_agreement": float(agree.sum() / either.sum()),
                 "attr_max_abs_diff": float((col_t - col_n).detach()[agree].abs().max()),

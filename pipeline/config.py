@@ -33,15 +33,15 @@ class HullConfig:
 
 @dataclass
 class RefineConfig:
-    iterations: int = param(500, "Optimisation steps of geometry and texture", 0, 10000, 50)
-    geometry_lr: float = param(2e-3, "Learning rate of the vertex positions (scene units)", 0.0, 2e-2, 1e-4)
+    iterations: int = param(1500, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
+    geometry_lr: float = param(5e-3, "Learning rate of the vertex positions (scene units)", 0.0, 2e-2, 1e-4)
     texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
-    smoothness: float = param(10.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
+    smoothness: float = param(2.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
     mask_weight: float = param(1.0, "Weight of the silhouette (mask) loss", 0.0, 10.0, 0.1)
-    render_resolution: int = param(256, "Longer side of the renders compared with the photos (pixels)", 64, 2048, 32)
+    render_resolution: int = param(512, "Longer side of the renders compared with the photos (pixels; at most the photos')", 64, 2048, 32)
     views_per_step: int = param(4, "Photos compared per optimisation step", 1, 32, 1)
-    texture_size: int = param(1024, "Texture atlas size (pixels per side)", 128, 4096, 128)
+    texture_size: int = param(2048, "Texture atlas size (pixels per side)", 128, 4096, 128)
     mesh_faces: int = param(40000, "Triangles of the mesh being optimised", 2000, 400000, 1000)
     preview_every_s: float = param(1.0, "Seconds between live preview renders", 0.2, 10.0, 0.1)
     seed: int = param(0, "Random seed (view order, background colours)", 0, 2**31 - 1, 1)
@@ -66,13 +66,13 @@ STAGES = ("ingest", "hull", "refine", "export")
 PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {
         "ingest.max_image_side": 256, "hull.grid_resolution": 96, "refine.iterations": 200,
-        "refine.render_resolution": 128, "refine.texture_size": 512, "refine.mesh_faces": 10000,
+        "refine.render_resolution": 128, "refine.texture_size": 1024, "refine.mesh_faces": 10000,
         "export.target_faces": 10000,
     },
     "balanced": {},
     "high": {
-        "ingest.max_image_side": 1024, "hull.grid_resolution": 192, "refine.iterations": 2000,
-        "refine.render_resolution": 512, "refine.views_per_step": 8, "refine.texture_size": 2048,
+        "ingest.max_image_side": 1024, "hull.grid_resolution": 192, "refine.iterations": 3000,
+        "refine.render_resolution": 1024, "refine.views_per_step": 8, "refine.texture_size": 4096,
         "refine.mesh_faces": 150000, "export.target_faces": 150000,
     },
 }

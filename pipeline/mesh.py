@@ -55,22 +55,35 @@ def render_textured(
     clip_from_world: Tensor,  # [B, 4, 4]
     resolution: Tuple[int, int],
     background: Optional[Tensor] = None,  # [B, 1, 1, 3] or None for black
-    mip: bool = True,
 ) -> Tuple[Tensor, Tensor]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased
-    """Render the textured mesh into B views. Differentiable w.r.t. vertices and texture."""
+    """Render the textured mesh (trilinear mip-mapped) into B views. Differentiable w.r.t. vertices and texture."""
     clip = to_clip(vertices, clip_from_world)
     rast, rast_db = rasterizer.rasterize(clip, faces, resolution)
-    if mip:
-        uv, uv_da = rasterizer.interpolate(uvs[None], rast, faces_uv, rast_db=rast_db, diff_attrs="all")
-        color = rasterizer.texture(texture, uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="clamp")
-    else:
-        uv, _ = rasterizer.interpolate(uvs[None], rast, faces_uv)
-        color = rasterizer.texture(texture, uv, filter_mode="linear", boundary_mode="clamp")
+    uv, uv_da = rasterizer.interpolate(uvs[None], rast, faces_uv, rast_db=rast_db, diff_attrs="all")
+    color = rasterizer.texture(texture, uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="clamp")
+    return _composite(rasterizer, color, rast, clip, faces, background)
+
+
+def render_colored(
+    rasterizer: Rasterizer,
+    vertices: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] int32
+    colors: Tensor,  # [V, 3] per-vertex colours
+    clip_from_world: Tensor,  # [B, 4, 4]
+    resolution: Tuple[int, int],
+    background: Optional[Tensor] = None,  # [B, 1, 1, 3] or None for black
+) -> Tuple[Tensor, Tensor]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased
+    """Render the mesh with per-vertex colours. Differentiable w.r.t. vertices and colours."""
+    clip = to_clip(vertices, clip_from_world)
+    rast, _ = rasterizer.rasterize(clip, faces, resolution, grad_db=False)
+    color, _ = rasterizer.interpolate(colors[None], rast, faces)
+    return _composite(rasterizer, color, rast, clip, faces, background)
+
+
+def _composite(rasterizer, color, rast, clip, faces, background):
+    """Put the shaded surface over the background and anti-alias silhouettes (colour and coverage)."""
     alpha = (rast[..., 3:4] > 0).to(color.dtype)
-    if background is not None:
-        color = color * alpha + background * (1 - alpha)
-    else:
-        color = color * alpha
+    color = color * alpha if background is None else color * alpha + background * (1 - alpha)
     out = rasterizer.antialias(torch.cat([color, alpha], dim=-1), rast, clip, faces)
     return out[..., :3], out[..., 3:4]
 

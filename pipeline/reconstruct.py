@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -18,10 +19,10 @@ from .evaluate import compare_views
 from .events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .importers import save_cameras_json
-from .mesh import TexturedMesh, clip_range
 from .normalize import estimate_up, normalize_scene, transform_cameras
-from .refine import Cancelled, project_photos, refine
+from .refine import Cancelled, check_cancel, refine
 from .render import Rasterizer
+from .uv import UnwrapJob
 
 MIN_VIEWS = 3
 
@@ -76,6 +77,7 @@ def reconstruct(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rasterizer = Rasterizer(backend="auto", device=device)
     timings: dict[str, float] = {}
+    atlas: Optional[UnwrapJob] = None
     try:
         # ---------------------------------------------------------------- ingest
         start = _now()
@@ -94,16 +96,15 @@ def reconstruct(
         yield StageStarted("hull", f"visual hull at {config.hull.grid_resolution}^3")
         cameras, world_from_normalised = normalize_scene(fit.cameras, fit.masks, device=device)
         up = estimate_up(cameras)
-        _check_cancel(cancel)
+        check_cancel(cancel)
         field = carve_visual_hull(cameras, fit.masks, resolution=config.hull.grid_resolution,
                                   bad_view_tolerance=config.hull.bad_view_tolerance, device=device)
         vertices, faces = hull_mesh(field)
         yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
-        _check_cancel(cancel)
+        check_cancel(cancel)
         vertices, faces = export.simplify(vertices, faces, config.refine.mesh_faces)
-        vmapping, faces_uv, uvs = export.unwrap(vertices, faces, texture_size=config.refine.texture_size)
-        yield Progress("hull", 0.8, "texture from the photos")
-        mesh = _initial_texture(vertices, faces, uvs, faces_uv, fit, cameras, config, rasterizer)
+        # xatlas takes seconds and holds the GIL: unwrap in a child process during the geometry pass.
+        atlas = UnwrapJob(vertices, faces, config.refine.texture_size, out_dir / ".work")
         timings["hull"] = _now() - start
         yield Metrics("hull", {"faces": float(len(faces)), "vertices": float(len(vertices))})
         yield StageFinished("hull", timings["hull"])
@@ -111,7 +112,8 @@ def reconstruct(
         # ---------------------------------------------------------------- refine
         start = _now()
         yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
-        mesh = yield from refine(mesh, cameras, fit.images, fit.masks, up, config.refine, rasterizer, cancel)
+        mesh = yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up, config.refine,
+                                 rasterizer, cancel)
         timings["refine"] = _now() - start
         yield StageFinished("refine", timings["refine"])
 
@@ -139,34 +141,14 @@ def reconstruct(
     except Cancelled:
         yield Warning("cancelled: the reconstruction was stopped before it finished")
     finally:
+        if atlas is not None:
+            atlas.cancel()
+        shutil.rmtree(out_dir / ".work", ignore_errors=True)
         # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
         del rasterizer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _initial_texture(vertices, faces, uvs, faces_uv, capture: Capture, cameras, config: ReconstructionConfig,
-                     rasterizer: Rasterizer) -> TexturedMesh:
-    """The starting TexturedMesh: the photos projected onto the hull."""
-    device = rasterizer.device
-    near, far = clip_range(cameras)
-    height, width = capture.resolution
-    mats = torch.tensor(cameras.clip_matrices((height, width), near, far), dtype=torch.float32, device=device)
-    texture, _ = project_photos(
-        rasterizer,
-        torch.from_numpy(vertices).float().to(device), torch.from_numpy(faces).int().to(device),
-        torch.from_numpy(uvs).float().to(device), torch.from_numpy(faces_uv).int().to(device),
-        torch.from_numpy(capture.images).to(device), torch.from_numpy(capture.masks).to(device),
-        mats, torch.from_numpy(cameras.centers).float().to(device), config.refine.texture_size,
-    )
-    return TexturedMesh(vertices.astype(np.float32), faces.astype(np.int32), uvs.astype(np.float32),
-                        faces_uv.astype(np.int32), texture.cpu().numpy())
-
-
-def _check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled()
 
 
 def _now() -> float:

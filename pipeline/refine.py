@@ -1,8 +1,8 @@
-"""nvdiffrec-style refinement: vertex positions and a UV texture atlas fitted to the photos by
+"""nvdiffrec-style refinement: vertex positions, then a UV texture atlas, fitted to the photos by
 differentiable rendering (silhouette loss through `antialias`, photometric L1 on a random background,
 a Laplacian prior on the surface and a smoothness prior on the texture).
 
-The texture starts from the photos projected onto the mesh (visibility-tested, weighted by viewing
+Appearance starts from the photos projected onto the surface (visibility-tested, weighted by viewing
 angle), so optimisation only has to correct it; texels no photo sees are filled from their neighbours.
 """
 
@@ -14,14 +14,15 @@ from typing import Callable, Generator, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from .cameras import Cameras, look_at
 from .config import RefineConfig
 from .events import Metrics, Preview, Progress
-from .mesh import TexturedMesh, clip_range, render_depth, render_resolution, render_textured
+from .export import fill_empty_texels
+from .mesh import TexturedMesh, clip_range, render_colored, render_depth, render_resolution, render_textured
 from .render import Rasterizer
+from .uv import UnwrapJob
 
 STAGE = "refine"
 
@@ -74,73 +75,72 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-we
 
 
 @torch.no_grad()
+def project_colors(
+    rasterizer: Rasterizer,
+    vertices: Tensor,  # [V, 3] the surface, for visibility
+    faces: Tensor,  # [F, 3] int32
+    points: Tensor,  # [P, 3] surface points to colour
+    normals: Tensor,  # [P, 3] their unit normals
+    photos: Tensor,  # [N, H, W, 3]
+    masks: Tensor,  # [N, H, W]
+    clip_from_world: Tensor,  # [N, 4, 4] for the photos' resolution
+    camera_centers: Tensor,  # [N, 3]
+    chunk: int = 8,
+) -> Tuple[Tensor, Tensor]:  # colours [P, 3], total weight [P] (0 = no photo sees the point)
+    """Colour surface points from the photos: each point averages the views that see it (depth-tested
+    against the surface), weighted by the squared cosine of the viewing angle so grazing views count little."""
+    acc = torch.zeros(len(points), 3, device=points.device)
+    wsum = torch.zeros(len(points), device=points.device)
+    height, width = photos.shape[1:3]
+    homog = torch.cat([points, torch.ones_like(points[:, :1])], 1)
+    for start in range(0, len(photos), chunk):  # bounded memory: a few views at a time
+        views = slice(start, start + chunk)
+        depth = render_depth(rasterizer, vertices, faces, clip_from_world[views], (height, width))[:, None]
+        clip = torch.einsum("bij,pj->bpi", clip_from_world[views], homog)  # [b, P, 4]
+        w = clip[..., 3]
+        grid = (clip[..., :2] / w.clamp(min=1e-6)[..., None])[:, :, None, :]  # [b, P, 1, 2] NDC (x, y)
+
+        def sample(image: Tensor, mode: str = "bilinear") -> Tensor:  # [b, C, H, W] -> [b, C, P]
+            return F.grid_sample(image, grid, mode=mode, align_corners=False)[..., 0]
+
+        # Bilinear depth mixes with empty (0) pixels at silhouettes; the nearest sample does not.
+        surface_depth = torch.maximum(sample(depth)[:, 0], sample(depth, "nearest")[:, 0])
+        mask = sample(masks[views][:, None])[:, 0]
+        color = sample(photos[views].permute(0, 3, 1, 2))  # [b, 3, P]
+        to_cam = F.normalize(camera_centers[views][:, None, :] - points[None], dim=-1)  # [b, P, 3]
+        cosine = (to_cam * normals[None]).sum(-1)
+        visible = ((grid[:, :, 0].abs() <= 1).all(-1) & (w > 0) & (surface_depth > 0)
+                   & (w <= surface_depth * 1.01) & (mask > 0.5) & (cosine > 0.1))
+        weight = torch.where(visible, cosine**2, torch.zeros_like(cosine))  # [b, P]
+        acc += torch.einsum("bp,bcp->pc", weight, color)
+        wsum += weight.sum(0)
+    return acc / wsum.clamp(min=1e-8)[:, None], wsum
+
+
+@torch.no_grad()
 def project_photos(
     rasterizer: Rasterizer,
     vertices: Tensor,  # [V, 3]
     faces: Tensor,  # [F, 3] int32
     uvs: Tensor,  # [Vt, 2]
     faces_uv: Tensor,  # [F, 3] int32
-    photos: Tensor,  # [N, H, W, 3]
-    masks: Tensor,  # [N, H, W]
-    clip_from_world: Tensor,  # [N, 4, 4] for the photos' resolution
-    camera_centers: Tensor,  # [N, 3]
     size: int,
-    chunk: int = 8,
-) -> Tuple[Tensor, Tensor]:  # texture [T, T, 3] (unseen texels filled), seen [T, T] bool
-    """Texture atlas from the photos: each texel averages the views that see its surface point,
-    weighted by the cosine of the viewing angle (squared) so grazing views count little."""
+    **views: Tensor,  # photos, masks, clip_from_world, camera_centers as for project_colors
+) -> Tensor:  # [T, T, 3]
+    """A texture atlas from the photos: texel surface points coloured by `project_colors`; texels no
+    photo sees take the colour of the nearest seen texel, so no chart shows black."""
     points, normals, covered = texel_positions(rasterizer, vertices, faces, uvs, faces_uv, size)
     idx = torch.nonzero(covered.reshape(-1)).squeeze(1)
-    p = points.reshape(-1, 3)[idx]  # [P, 3]
-    n = normals.reshape(-1, 3)[idx]
-    acc = torch.zeros(len(idx), 3, device=p.device)
-    wsum = torch.zeros(len(idx), device=p.device)
-    height, width = photos.shape[1:3]
-    homog = torch.cat([p, torch.ones_like(p[:, :1])], 1)
-    for start in range(0, len(photos), chunk):  # bounded memory: a few views at a time
-        views = slice(start, start + chunk)
-        depth = render_depth(rasterizer, vertices, faces, clip_from_world[views], (height, width))  # [b, H, W]
-        clip = torch.einsum("bij,pj->bpi", clip_from_world[views], homog)  # [b, P, 4]
-        w = clip[..., 3]
-        grid = (clip[..., :2] / w.clamp(min=1e-6)[..., None])[:, :, None, :]  # [b, P, 1, 2] NDC (x, y)
-        sample = lambda img: F.grid_sample(img, grid, mode="bilinear", align_corners=False)[..., 0]  # noqa: E731
-        seen_depth = sample(depth[:, None])[:, 0]  # [b, P]
-        nearest_depth = F.grid_sample(depth[:, None], grid, mode="nearest", align_corners=False)[:, 0, :, 0]
-        mask = sample(masks[views][:, None])[:, 0]
-        color = sample(photos[views].permute(0, 3, 1, 2))  # [b, 3, P]
-        to_cam = F.normalize(camera_centers[views][:, None, :] - p[None], dim=-1)  # [b, P, 3]
-        cosine = (to_cam * n[None]).sum(-1)
-        tol = 0.01 * w
-        visible = (
-            (grid[:, :, 0].abs() <= 1).all(-1)
-            & (w > 0)
-            & (w <= torch.maximum(seen_depth, nearest_depth) + tol)
-            & (nearest_depth > 0)
-            & (mask > 0.5)
-            & (cosine > 0.1)
-        )
-        weight = torch.where(visible, cosine**2, torch.zeros_like(cosine))  # [b, P]
-        acc += torch.einsum("bp,bcp->pc", weight, color)
-        wsum += weight.sum(0)
-    texture = torch.zeros(size * size, 3, device=p.device)
-    seen = torch.zeros(size * size, dtype=torch.bool, device=p.device)
-    seen[idx] = wsum > 0
-    texture[idx] = acc / wsum.clamp(min=1e-8)[:, None]
-    texture = texture.reshape(size, size, 3)
-    seen = seen.reshape(size, size)
-    return fill_unseen(texture, seen), seen
-
-
-def fill_unseen(texture: Tensor, seen: Tensor) -> Tensor:  # [T, T, 3]
-    """Give every texel no photo saw the colour of the nearest seen texel (inpainting by
-    nearest neighbour), so charts never show black and mip levels never bleed black in."""
-    seen_np = seen.cpu().numpy()
-    if not seen_np.any():
-        return torch.full_like(texture, 0.5)
-    _, (rows, cols) = ndimage.distance_transform_edt(~seen_np, return_indices=True)
-    rows = torch.from_numpy(rows).to(texture.device)
-    cols = torch.from_numpy(cols).to(texture.device)
-    return texture[rows, cols]
+    colors, weight = project_colors(rasterizer, vertices, faces, points.reshape(-1, 3)[idx],
+                                    normals.reshape(-1, 3)[idx], **views)
+    texture = torch.zeros(size * size, 3, device=vertices.device)
+    seen = torch.zeros(size * size, dtype=torch.bool, device=vertices.device)
+    texture[idx] = colors
+    seen[idx] = weight > 0
+    if not bool(seen.any()):
+        return torch.full((size, size, 3), 0.5, device=vertices.device)
+    filled = fill_empty_texels(texture.reshape(size, size, 3).cpu().numpy(), seen.reshape(size, size).cpu().numpy())
+    return torch.from_numpy(filled).to(vertices.device)
 
 
 def turntable_camera(cameras: Cameras, up: np.ndarray, angle: float) -> np.ndarray:  # [4, 4]
@@ -159,7 +159,9 @@ def turntable_camera(cameras: Cameras, up: np.ndarray, angle: float) -> np.ndarr
 
 
 def refine(
-    mesh: TexturedMesh,
+    vertices: np.ndarray,  # [V, 3] starting surface (normalised frame)
+    faces: np.ndarray,  # [F, 3]
+    atlas: UnwrapJob,  # UV atlas of this connectivity, being computed in another process
     cameras: Cameras,  # normalised frame, one per photo
     images: np.ndarray,  # [N, H, W, 3] float32
     masks: np.ndarray,  # [N, H, W] float32
@@ -168,7 +170,12 @@ def refine(
     rasterizer: Rasterizer,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> Generator[object, None, TexturedMesh]:
-    """Optimise ``mesh`` (vertices and texture; topology fixed) against the photos.
+    """Fit the surface and its appearance to the photos in two passes over the same connectivity:
+
+    1. geometry: vertex positions with per-vertex colours (no UVs needed, so the atlas is computed
+       meanwhile in another process);
+    2. texture: the photos are projected into the atlas on the refined surface, then positions and
+       texture are optimised together.
 
     Yields Progress / Preview / Metrics events; returns the refined TexturedMesh.
     """
@@ -180,84 +187,145 @@ def refine(
     clip_mats = torch.tensor(cameras.clip_matrices((height, width), near, far), dtype=torch.float32, device=device)
     photos = _resize(torch.from_numpy(images).to(device), (height, width))  # [N, h, w, 3]
     alphas = _resize(torch.from_numpy(masks).to(device)[..., None], (height, width))  # [N, h, w, 1]
-
-    faces = torch.from_numpy(mesh.faces).to(device=device, dtype=torch.int32)
-    faces_uv = torch.from_numpy(mesh.faces_uv).to(device=device, dtype=torch.int32)
-    uvs = torch.from_numpy(mesh.uvs).to(device=device, dtype=torch.float32)
-    vertices = torch.from_numpy(mesh.vertices).to(device=device, dtype=torch.float32).requires_grad_(True)
-    texture = torch.from_numpy(mesh.texture).to(device=device, dtype=torch.float32)[None].requires_grad_(True)
-    laplacian = uniform_laplacian(faces, len(vertices))
-
-    optimizer = torch.optim.Adam(
-        [{"params": [vertices], "lr": config.geometry_lr}, {"params": [texture], "lr": config.texture_lr}],
-        betas=(0.9, 0.99),
+    full_views = dict(  # colour projection samples the full-resolution photos
+        photos=torch.from_numpy(images).to(device), masks=torch.from_numpy(masks).to(device),
+        clip_from_world=torch.tensor(cameras.clip_matrices(images.shape[1:3], near, far), dtype=torch.float32,
+                                     device=device),
+        camera_centers=torch.from_numpy(cameras.centers).float().to(device),
     )
-    # Learning rates decay to 10% by the end, as nvdiffrec's exponential schedule does.
-    decay = 0.1 ** (1.0 / max(config.iterations, 1))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, decay)
-    num_views = len(photos)
-    batch = min(config.views_per_step, num_views)
-    order = rng.permutation(num_views)
-    cursor = 0
-    preview_view = 0
-    turntable_k = torch.tensor(cameras.intrinsics[:1], dtype=torch.float64)
-    last_preview = -np.inf
-    loss_sum = torch.zeros((), device=device)
+    faces_t = torch.from_numpy(np.ascontiguousarray(faces)).to(device=device, dtype=torch.int32)
+    verts = torch.from_numpy(np.ascontiguousarray(vertices)).to(device=device, dtype=torch.float32)
+    laplacian = uniform_laplacian(faces_t, len(verts))
+    colors, _ = project_colors(rasterizer, verts, faces_t, verts, vertex_normals(verts, faces_t), **full_views)
+    verts.requires_grad_(True)
+    colors.requires_grad_(True)
 
-    for step in range(config.iterations):
-        if cancel is not None and cancel():
-            raise Cancelled()
-        if cursor + batch > num_views:
-            order, cursor = rng.permutation(num_views), 0
-        views = torch.from_numpy(order[cursor:cursor + batch]).to(device)
-        cursor += batch
+    total = config.iterations
+    geometry_steps = total // 2
+    sampler = _ViewSampler(len(photos), min(config.views_per_step, len(photos)), rng)
+    previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
+                           config.preview_every_s, device)
+    optimizer = torch.optim.Adam([{"params": [verts], "lr": config.geometry_lr},
+                                  {"params": [colors], "lr": config.texture_lr}], betas=(0.9, 0.99))
 
-        background = torch.rand(batch, 1, 1, 3, generator=generator).to(device)
-        rgb, alpha = render_textured(rasterizer, vertices, faces, uvs, faces_uv, texture, clip_mats[views],
-                                     (height, width), background=background)
+    def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
+        check_cancel(cancel)
+        # Learning rates decay to 10% over the whole run, as nvdiffrec's exponential schedule does.
+        decay = 0.1 ** (step / max(total, 1))
+        optimizer.param_groups[0]["lr"] = config.geometry_lr * decay
+        optimizer.param_groups[1]["lr"] = config.texture_lr * decay
+        views = sampler.next().to(device)
+        background = torch.rand(len(views), 1, 1, 3, generator=generator).to(device)
+        rgb, alpha = render(clip_mats[views], background)
         target_alpha = alphas[views]
         target = photos[views] * target_alpha + background * (1 - target_alpha)
-        color_loss = (rgb - target).abs().mean()
-        mask_loss = ((alpha - target_alpha) ** 2).mean()
-        smooth_loss = (torch.sparse.mm(laplacian, vertices) ** 2).sum(1).mean()
-        tex_loss = (texture[:, 1:] - texture[:, :-1]).abs().mean() + (texture[:, :, 1:] - texture[:, :, :-1]).abs().mean()
-        loss = (color_loss + config.mask_weight * mask_loss + config.smoothness * smooth_loss
-                + config.texture_smoothness * tex_loss)
+        loss = ((rgb - target).abs().mean() + config.mask_weight * ((alpha - target_alpha) ** 2).mean()
+                + config.smoothness * (torch.sparse.mm(laplacian, verts) ** 2).sum(1).mean()
+                + config.texture_smoothness * _texture_smoothness(appearance))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         with torch.no_grad():
-            texture.clamp_(0.0, 1.0)
-        loss_sum += loss.detach()
+            appearance.clamp_(0.0, 1.0)
+        return loss.detach()
 
-        now = time.monotonic()
-        last = step == config.iterations - 1
-        if now - last_preview >= config.preview_every_s or last:
-            last_preview = now
-            yield Progress(STAGE, (step + 1) / config.iterations, f"step {step + 1}/{config.iterations}")
-            with torch.no_grad():
-                angle = 2 * np.pi * step / max(config.iterations, 1)
-                spin = Cameras(turntable_k, turntable_camera(cameras, up, angle)[None], cameras.sizes[:1])
-                spin_mat = torch.tensor(spin.clip_matrices((height, width), near, far), dtype=torch.float32,
-                                        device=device)
-                mats = torch.cat([clip_mats[preview_view:preview_view + 1], spin_mat])
-                shown, _ = render_textured(rasterizer, vertices, faces, uvs, faces_uv, texture, mats,
-                                           (height, width), background=torch.ones(2, 1, 1, 3, device=device))
-                photo = photos[preview_view] * alphas[preview_view] + (1 - alphas[preview_view])
-                strip = torch.cat([shown[0], photo, shown[1]], dim=1)
-                image = (strip.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            yield Preview(STAGE, image, f"step {step + 1}: render | photo | turntable")
-            yield Metrics(STAGE, {"loss": float(loss_sum) / (step + 1), "step": step + 1,
-                                  "color_l1": float(color_loss.detach()), "mask_mse": float(mask_loss.detach())})
+    def by_colors(mats: Tensor, background: Tensor):
+        return render_colored(rasterizer, verts, faces_t, colors, mats, (height, width), background)
+
+    for step in range(geometry_steps):
+        loss = fit_step(step, by_colors, colors)
+        yield from previewer.maybe(step, total, by_colors, loss)
+
+    while not atlas.ready():  # pass 2 needs the atlas; it has usually been ready for a while
+        check_cancel(cancel)
+        yield Progress(STAGE, geometry_steps / max(total, 1), "waiting for the UV atlas")
+        time.sleep(0.05)
+    _, faces_uv, uvs = atlas.result()
+    faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
+    uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
+    texture = project_photos(rasterizer, verts.detach(), faces_t, uvs_t, faces_uv_t, config.texture_size,
+                             **full_views)[None].contiguous().requires_grad_(True)
+    optimizer.state.pop(colors, None)
+    optimizer.param_groups[1]["params"] = [texture]
+
+    def by_texture(mats: Tensor, background: Tensor):
+        return render_textured(rasterizer, verts, faces_t, uvs_t, faces_uv_t, texture, mats, (height, width),
+                               background)
+
+    for step in range(geometry_steps, total):
+        loss = fit_step(step, by_texture, texture)
+        yield from previewer.maybe(step, total, by_texture, loss)
 
     return TexturedMesh(
-        vertices=vertices.detach().cpu().numpy().astype(np.float32),
-        faces=mesh.faces,
-        uvs=mesh.uvs,
-        faces_uv=mesh.faces_uv,
+        vertices=verts.detach().cpu().numpy().astype(np.float32),
+        faces=np.asarray(faces, dtype=np.int32),
+        uvs=uvs.astype(np.float32),
+        faces_uv=faces_uv.astype(np.int32),
         texture=texture.detach()[0].cpu().numpy(),
     )
+
+
+def check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled()
+
+
+def _texture_smoothness(appearance: Tensor) -> Tensor:
+    """Mean absolute difference of neighbouring texels of a [1, T, T, 3] texture (0 for vertex colours)."""
+    if appearance.dim() != 4:
+        return appearance.new_zeros(())
+    return ((appearance[:, 1:] - appearance[:, :-1]).abs().mean()
+            + (appearance[:, :, 1:] - appearance[:, :, :-1]).abs().mean())
+
+
+class _ViewSampler:
+    """Random batches of views, every view once per epoch."""
+
+    def __init__(self, count: int, batch: int, rng: np.random.Generator):
+        self.count, self.batch, self.rng = count, batch, rng
+        self.order, self.cursor = rng.permutation(count), 0
+
+    def next(self) -> Tensor:  # [batch] int64
+        if self.cursor + self.batch > self.count:
+            self.order, self.cursor = self.rng.permutation(self.count), 0
+        views = self.order[self.cursor:self.cursor + self.batch]
+        self.cursor += self.batch
+        return torch.from_numpy(views)
+
+
+class _Previewer:
+    """Every ``every_s`` seconds (and at the last step): Progress, a Preview strip (render of the first
+    photo's view | that photo | a turntable frame) and Metrics with the mean loss since the last one."""
+
+    def __init__(self, cameras: Cameras, up: np.ndarray, near: float, far: float, size: Tuple[int, int],
+                 photo: Tensor, every_s: float, device: torch.device):
+        self.cameras, self.up, self.near, self.far, self.size = cameras, up, near, far, size
+        self.photo, self.every_s, self.device = photo, every_s, device
+        self.first_view = torch.tensor(cameras.clip_matrices(size, near, far)[:1], dtype=torch.float32, device=device)
+        self.last = -np.inf
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        self.count = 0
+
+    def maybe(self, step: int, total: int, render: Callable, loss: Tensor):
+        self.loss_sum += loss
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last < self.every_s and step != total - 1:
+            return
+        self.last = now
+        yield Progress(STAGE, (step + 1) / total, f"step {step + 1}/{total}")
+        with torch.no_grad():
+            spin = turntable_camera(self.cameras, self.up, 2 * np.pi * step / max(total, 1))
+            spin_cam = Cameras(self.cameras.intrinsics[:1], spin[None], self.cameras.sizes[:1])
+            spin_mat = torch.tensor(spin_cam.clip_matrices(self.size, self.near, self.far), dtype=torch.float32,
+                                    device=self.device)
+            shown, _ = render(torch.cat([self.first_view, spin_mat]), torch.ones(2, 1, 1, 3, device=self.device))
+            strip = torch.cat([shown[0], self.photo, shown[1]], dim=1)
+            image = (strip.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        yield Preview(STAGE, image, f"step {step + 1}: render | photo | turntable")
+        yield Metrics(STAGE, {"loss": float(self.loss_sum) / self.count, "step": float(step + 1)})
+        self.loss_sum.zero_()
+        self.count = 0
 
 
 def _resize(images: Tensor, size: Tuple[int, int]) -> Tensor:  # [N, H, W, C] -> [N, h, w, C]
