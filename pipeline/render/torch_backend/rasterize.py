@@ -108,17 +108,21 @@ def _barycentrics(
     a1 = px[:, 2] * py[:, 0] - py[:, 2] * px[:, 0]
     a2 = px[:, 0] * py[:, 1] - py[:, 0] * px[:, 1]
     a_sum = a0 + a1 + a2
-    iw = 1.0 / a_sum
-    b0 = a0 * iw
-    b1 = a1 * iw
+    # Values are nvdiffrast's forward kernel (exact 1/area, barycentrics clamped into the triangle:
+    # fixed-point coverage and float barycentrics can disagree by an ulp). Gradients are those of
+    # its backward kernel: unclamped barycentrics, area plus a 1e-6 epsilon of the same sign
+    # (straight-through), so sliver triangles at silhouettes pass gradients exactly as there.
+    iw_grad = 1.0 / (a_sum + torch.where(a_sum >= 0, 1e-6, -1e-6))
     with torch.no_grad():
+        iw_value = 1.0 / a_sum
         zw = ((z[:, 0] * a0 + z[:, 1] * a1 + z[:, 2] * a2) / (w[:, 0] * a0 + w[:, 1] * a1 + w[:, 2] * a2)).clamp(-1, 1)
-    # Clamp into the triangle (fixed-point coverage and float barycentrics can disagree by an ulp).
-    b0 = b0.clamp(0.0, 1.0)
-    b1 = b1.clamp(0.0, 1.0)
-    scale = 1.0 / torch.clamp(b0 + b1, min=1.0)
-    b0 = b0 * scale
-    b1 = b1 * scale
+        b0_value = (a0 * iw_value).clamp(0.0, 1.0)
+        b1_value = (a1 * iw_value).clamp(0.0, 1.0)
+        scale = 1.0 / torch.clamp(b0_value + b1_value, min=1.0)
+        b0_value, b1_value = b0_value * scale, b1_value * scale
+    iw = _straight_through(iw_value, iw_grad)
+    b0 = _straight_through(b0_value, a0 * iw_grad)
+    b1 = _straight_through(b1_value, a1 * iw_grad)
 
     if not grad_db:
         x, y, w = x.detach(), y.detach(), w.detach()
@@ -145,6 +149,11 @@ def _barycentrics(
         dim=1,
     )
     return torch.stack([b0, b1, zw], dim=1), db
+
+
+def _straight_through(value: Tensor, gradient_path: Tensor) -> Tensor:
+    """``value`` forward, the derivative of ``gradient_path`` backward."""
+    return gradient_path + (value - gradient_path).detach()
 
 
 def _visibility(
