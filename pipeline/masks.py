@@ -220,17 +220,25 @@ def _segmenter_file(weights_dir: Optional[Path]) -> Optional[Path]:
         st = weights_mod.model_status(SEGMENTER_MODEL, weights_dir)
     except PipelineError:
         return None
-    if st.state not in ("available", "unverified") or not weights_mod._module_present(spec.package or "rembg"):
+    packages = ("rembg", spec.package or "onnxruntime")
+    if st.state not in ("available", "unverified") or not all(map(weights_mod._module_present, packages)):
         return None
     return weights_mod._root(weights_dir) / spec.files[0].path
 
 
 def _rembg_masks(images: np.ndarray, model_file: Path) -> np.ndarray:  # [N, H, W] float32
-    """rembg with a local model file (a session built from the path, so nothing is downloaded)."""
+    """rembg's IS-Net session on the local model file.
+
+    rembg looks for ``$U2NET_HOME/<model>.onnx`` and downloads only when it is absent; pointing
+    U2NET_HOME at the verified file's folder keeps it offline. (Untested here: rembg is not installed.)
+    """
+    import os
+
+    os.environ["U2NET_HOME"] = str(model_file.parent)
     import rembg  # optional dependency, checked by _segmenter_file
     from PIL import Image
 
-    session = rembg.new_session("u2net_custom", model_path=str(model_file))
+    session = rembg.new_session(model_file.stem)
     out = []
     for img in images:
         pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
