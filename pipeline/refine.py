@@ -19,7 +19,7 @@ from torch import Tensor
 from .cameras import Cameras, look_at
 from .config import RefineConfig
 from .events import Metrics, Preview, Progress
-from .export import fill_empty_texels
+from .export import bake_texture, corner_positions
 from .mesh import TexturedMesh, clip_range, render_colored, render_depth, render_resolution, render_textured
 from .render import Rasterizer
 from .uv import UnwrapJob
@@ -45,27 +45,6 @@ def uniform_laplacian(faces: Tensor, num_vertices: int) -> Tensor:  # sparse [V,
     return torch.sparse_coo_tensor(index, values, (num_vertices, num_vertices), check_invariants=False).coalesce()
 
 
-def texel_positions(
-    rasterizer: Rasterizer,
-    vertices: Tensor,  # [V, 3]
-    faces: Tensor,  # [F, 3] int32
-    uvs: Tensor,  # [Vt, 2]
-    faces_uv: Tensor,  # [F, 3] int32
-    size: int,
-) -> Tuple[Tensor, Tensor, Tensor]:  # points [T, T, 3], normals [T, T, 3], covered [T, T] bool
-    """The surface point and normal under each texel centre (rasterizing the mesh in UV space)."""
-    uv_clip = torch.cat([uvs * 2 - 1, torch.zeros_like(uvs[:, :1]), torch.ones_like(uvs[:, :1])], dim=1)
-    rast, _ = rasterizer.rasterize(uv_clip[None].contiguous(), faces_uv, (size, size), grad_db=False)
-    # Position attributes indexed by UV vertex: each UV vertex takes the position of its corner.
-    corner_pos = torch.zeros(len(uvs), 3, device=vertices.device)
-    corner_pos[faces_uv.long().reshape(-1)] = vertices[faces.long().reshape(-1)]
-    normals = vertex_normals(vertices, faces)
-    corner_nrm = torch.zeros(len(uvs), 3, device=vertices.device)
-    corner_nrm[faces_uv.long().reshape(-1)] = normals[faces.long().reshape(-1)]
-    attrs, _ = rasterizer.interpolate(torch.cat([corner_pos, corner_nrm], 1)[None], rast, faces_uv)
-    return attrs[0, ..., :3], F.normalize(attrs[0, ..., 3:], dim=-1), rast[0, ..., 3] > 0
-
-
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-weighted unit normals
     f = faces.long()
     v0, v1, v2 = vertices[f[:, 0]], vertices[f[:, 1]], vertices[f[:, 2]]
@@ -74,73 +53,81 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-we
     return F.normalize(normals, dim=1)
 
 
-@torch.no_grad()
-def project_colors(
-    rasterizer: Rasterizer,
-    vertices: Tensor,  # [V, 3] the surface, for visibility
-    faces: Tensor,  # [F, 3] int32
-    points: Tensor,  # [P, 3] surface points to colour
-    normals: Tensor,  # [P, 3] their unit normals
-    photos: Tensor,  # [N, H, W, 3]
-    masks: Tensor,  # [N, H, W]
-    clip_from_world: Tensor,  # [N, 4, 4] for the photos' resolution
-    camera_centers: Tensor,  # [N, 3]
-    chunk: int = 8,
-) -> Tuple[Tensor, Tensor]:  # colours [P, 3], total weight [P] (0 = no photo sees the point)
-    """Colour surface points from the photos: each point averages the views that see it (depth-tested
-    against the surface), weighted by the squared cosine of the viewing angle so grazing views count little."""
-    acc = torch.zeros(len(points), 3, device=points.device)
-    wsum = torch.zeros(len(points), device=points.device)
-    height, width = photos.shape[1:3]
-    homog = torch.cat([points, torch.ones_like(points[:, :1])], 1)
-    for start in range(0, len(photos), chunk):  # bounded memory: a few views at a time
-        views = slice(start, start + chunk)
-        depth = render_depth(rasterizer, vertices, faces, clip_from_world[views], (height, width))[:, None]
-        clip = torch.einsum("bij,pj->bpi", clip_from_world[views], homog)  # [b, P, 4]
-        w = clip[..., 3]
-        grid = (clip[..., :2] / w.clamp(min=1e-6)[..., None])[:, :, None, :]  # [b, P, 1, 2] NDC (x, y)
+class PhotoProjector:
+    """Colours surface points from the photos: each point averages the views that see it (depth-tested
+    against the surface), weighted by the squared cosine of the viewing angle so grazing views count
+    little. The views' depth maps are rendered once, at construction."""
 
-        def sample(image: Tensor, mode: str = "bilinear") -> Tensor:  # [b, C, H, W] -> [b, C, P]
-            return F.grid_sample(image, grid, mode=mode, align_corners=False)[..., 0]
+    @torch.no_grad()
+    def __init__(
+        self,
+        rasterizer: Rasterizer,
+        vertices: Tensor,  # [V, 3] the surface, for visibility
+        faces: Tensor,  # [F, 3] int32
+        photos: Tensor,  # [N, H, W, 3]
+        masks: Tensor,  # [N, H, W]
+        clip_from_world: Tensor,  # [N, 4, 4] for the photos' resolution
+        camera_centers: Tensor,  # [N, 3]
+        chunk: int = 8,
+    ):
+        self.photos, self.masks, self.clip_from_world, self.centers = photos, masks, clip_from_world, camera_centers
+        self.chunk = chunk
+        size = tuple(photos.shape[1:3])
+        self.depth = torch.cat([render_depth(rasterizer, vertices, faces, clip_from_world[s:s + chunk], size)
+                                for s in range(0, len(photos), chunk)])[:, None]  # [N, 1, H, W]
 
-        # Bilinear depth mixes with empty (0) pixels at silhouettes; the nearest sample does not.
-        surface_depth = torch.maximum(sample(depth)[:, 0], sample(depth, "nearest")[:, 0])
-        mask = sample(masks[views][:, None])[:, 0]
-        color = sample(photos[views].permute(0, 3, 1, 2))  # [b, 3, P]
-        to_cam = F.normalize(camera_centers[views][:, None, :] - points[None], dim=-1)  # [b, P, 3]
-        cosine = (to_cam * normals[None]).sum(-1)
-        visible = ((grid[:, :, 0].abs() <= 1).all(-1) & (w > 0) & (surface_depth > 0)
-                   & (w <= surface_depth * 1.01) & (mask > 0.5) & (cosine > 0.1))
-        weight = torch.where(visible, cosine**2, torch.zeros_like(cosine))  # [b, P]
-        acc += torch.einsum("bp,bcp->pc", weight, color)
-        wsum += weight.sum(0)
-    return acc / wsum.clamp(min=1e-8)[:, None], wsum
+    @torch.no_grad()
+    def __call__(
+        self,
+        points: Tensor,  # [P, 3]
+        normals: Tensor,  # [P, 3] unit normals
+    ) -> Tuple[Tensor, Tensor]:  # colours [P, 3], total weight [P] (0 = no photo sees the point)
+        acc = torch.zeros(len(points), 3, device=points.device)
+        wsum = torch.zeros(len(points), device=points.device)
+        homog = torch.cat([points, torch.ones_like(points[:, :1])], 1)
+        for start in range(0, len(self.photos), self.chunk):  # bounded memory: a few views at a time
+            views = slice(start, start + self.chunk)
+            clip = torch.einsum("bij,pj->bpi", self.clip_from_world[views], homog)  # [b, P, 4]
+            w = clip[..., 3]
+            grid = (clip[..., :2] / w.clamp(min=1e-6)[..., None])[:, :, None, :]  # [b, P, 1, 2] NDC (x, y)
 
+            def sample(image: Tensor, mode: str = "bilinear") -> Tensor:  # [b, C, H, W] -> [b, C, P]
+                return F.grid_sample(image, grid, mode=mode, align_corners=False)[..., 0]
 
-@torch.no_grad()
-def project_photos(
-    rasterizer: Rasterizer,
-    vertices: Tensor,  # [V, 3]
-    faces: Tensor,  # [F, 3] int32
-    uvs: Tensor,  # [Vt, 2]
-    faces_uv: Tensor,  # [F, 3] int32
-    size: int,
-    **views: Tensor,  # photos, masks, clip_from_world, camera_centers as for project_colors
-) -> Tensor:  # [T, T, 3]
-    """A texture atlas from the photos: texel surface points coloured by `project_colors`; texels no
-    photo sees take the colour of the nearest seen texel, so no chart shows black."""
-    points, normals, covered = texel_positions(rasterizer, vertices, faces, uvs, faces_uv, size)
-    idx = torch.nonzero(covered.reshape(-1)).squeeze(1)
-    colors, weight = project_colors(rasterizer, vertices, faces, points.reshape(-1, 3)[idx],
-                                    normals.reshape(-1, 3)[idx], **views)
-    texture = torch.zeros(size * size, 3, device=vertices.device)
-    seen = torch.zeros(size * size, dtype=torch.bool, device=vertices.device)
-    texture[idx] = colors
-    seen[idx] = weight > 0
-    if not bool(seen.any()):
-        return torch.full((size, size, 3), 0.5, device=vertices.device)
-    filled = fill_empty_texels(texture.reshape(size, size, 3).cpu().numpy(), seen.reshape(size, size).cpu().numpy())
-    return torch.from_numpy(filled).to(vertices.device)
+            depth = self.depth[views]
+            # Bilinear depth mixes with empty (0) pixels at silhouettes; the nearest sample does not.
+            surface_depth = torch.maximum(sample(depth)[:, 0], sample(depth, "nearest")[:, 0])
+            mask = sample(self.masks[views][:, None])[:, 0]
+            color = sample(self.photos[views].permute(0, 3, 1, 2))  # [b, 3, P]
+            to_cam = F.normalize(self.centers[views][:, None, :] - points[None], dim=-1)  # [b, P, 3]
+            cosine = (to_cam * normals[None]).sum(-1)
+            visible = ((grid[:, :, 0].abs() <= 1).all(-1) & (w > 0) & (surface_depth > 0)
+                       & (w <= surface_depth * 1.01) & (mask > 0.5) & (cosine > 0.1))
+            weight = torch.where(visible, cosine**2, torch.zeros_like(cosine))  # [b, P]
+            acc += torch.einsum("bp,bcp->pc", weight, color)
+            wsum += weight.sum(0)
+        return acc / wsum.clamp(min=1e-8)[:, None], wsum
+
+    def texture(
+        self,
+        vertices: np.ndarray,  # [V, 3]
+        faces: np.ndarray,  # [F, 3]
+        uvs: np.ndarray,  # [Vt, 2]
+        faces_uv: np.ndarray,  # [F, 3]
+        size: int,
+        rasterizer: Rasterizer,
+    ) -> np.ndarray:  # [size, size, 3]
+        """A texture atlas baked from the photos (texels no photo sees take the nearest seen colour)."""
+        device = self.photos.device
+
+        def colors_at(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+            colors, weight = self(torch.from_numpy(points).to(device), torch.from_numpy(normals).to(device))
+            colors[weight == 0] = float("nan")  # unseen: bake_texture fills these from neighbours
+            return colors.cpu().numpy()
+
+        corners = TexturedMesh(vertices, faces, uvs, faces_uv, np.zeros((1, 1, 3), np.float32))
+        return bake_texture(corner_positions(corners), faces_uv, uvs, colors_at, size, rasterizer=rasterizer,
+                            chunk=1 << 20)
 
 
 def turntable_camera(cameras: Cameras, up: np.ndarray, angle: float) -> np.ndarray:  # [4, 4]
@@ -187,7 +174,7 @@ def refine(
     clip_mats = torch.tensor(cameras.clip_matrices((height, width), near, far), dtype=torch.float32, device=device)
     photos = _resize(torch.from_numpy(images).to(device), (height, width))  # [N, h, w, 3]
     alphas = _resize(torch.from_numpy(masks).to(device)[..., None], (height, width))  # [N, h, w, 1]
-    full_views = dict(  # colour projection samples the full-resolution photos
+    full_views = dict(  # colours are projected from the full-resolution photos
         photos=torch.from_numpy(images).to(device), masks=torch.from_numpy(masks).to(device),
         clip_from_world=torch.tensor(cameras.clip_matrices(images.shape[1:3], near, far), dtype=torch.float32,
                                      device=device),
@@ -196,7 +183,7 @@ def refine(
     faces_t = torch.from_numpy(np.ascontiguousarray(faces)).to(device=device, dtype=torch.int32)
     verts = torch.from_numpy(np.ascontiguousarray(vertices)).to(device=device, dtype=torch.float32)
     laplacian = uniform_laplacian(faces_t, len(verts))
-    colors, _ = project_colors(rasterizer, verts, faces_t, verts, vertex_normals(verts, faces_t), **full_views)
+    colors, _ = PhotoProjector(rasterizer, verts, faces_t, **full_views)(verts, vertex_normals(verts, faces_t))
     verts.requires_grad_(True)
     colors.requires_grad_(True)
 
@@ -243,8 +230,10 @@ def refine(
     _, faces_uv, uvs = atlas.result()
     faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
     uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
-    texture = project_photos(rasterizer, verts.detach(), faces_t, uvs_t, faces_uv_t, config.texture_size,
-                             **full_views)[None].contiguous().requires_grad_(True)
+    surface = verts.detach()
+    baked = PhotoProjector(rasterizer, surface, faces_t, **full_views).texture(
+        surface.cpu().numpy(), np.asarray(faces), uvs, faces_uv, config.texture_size, rasterizer)
+    texture = torch.from_numpy(baked).to(device)[None].contiguous().requires_grad_(True)
     optimizer.state.pop(colors, None)
     optimizer.param_groups[1]["params"] = [texture]
 
