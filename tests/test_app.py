@@ -1,0 +1,315 @@
+"""The Gradio app through its public API (gradio_client), launched once in this process on CPU.
+
+A good job streams previews and returns a textured GLB; every kind of bad upload ends in a
+message that names the file (or a notice, for what the app can fix itself), and the server
+keeps serving. Outputs land in tests/_out/app/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LEGO = REPO / "assets" / "lego_24"
+MOLD = REPO / "assets" / "mold_cape_12"
+OUT = REPO / "tests" / "_out" / "app"
+# The fast preset, made smaller still so that a whole run takes seconds on a laptop CPU.
+SMALL = dict(quality="fast", refine_iterations=30, refine_texture_size=256, refine_mesh_faces=5000,
+             export_target_faces=5000)
+RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_view", "metrics")
+PREVIEW, LOG = RUN_OUTPUTS.index("preview"), RUN_OUTPUTS.index("log")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    from ui.layout import build_demo, close
+
+    demo, options = build_demo()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            allowed_paths=options.allowed_paths, css=options.css, max_file_size=options.max_file_size)
+    yield demo, url
+    close(demo)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    c = Client(app[1], verbose=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def out_dir(request) -> Path:
+    path = OUT / request.node.name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def lego_files(out_dir: Path, replace: dict | None = None, cameras: bool = True) -> list[Path]:
+    """The lego example's files, with some photos replaced by files written to ``out_dir``."""
+    photos = sorted((LEGO / "train").glob("*.png"))
+    files = []
+    for photo in photos:
+        if replace and photo.name in replace:
+            replaced = out_dir / photo.name
+            replace[photo.name](photo, replaced)
+            files.append(replaced)
+        else:
+            files.append(photo)
+    return files + ([LEGO / "transforms_train.json"] if cameras else [])
+
+
+def submit(client: Client, files, **settings):
+    return client.submit([handle_file(str(f)) for f in files], api_name="/reconstruct", **{**SMALL, **settings})
+
+
+def error_of(job) -> str:
+    with pytest.raises(AppError) as caught:
+        job.result(timeout=180)
+    message = str(caught.value)
+    assert "/tmp/" not in message and "Traceback" not in message, message  # names, not temp paths
+    return message
+
+
+def notice_then_stop(job, text: str, timeout: float = 120) -> str:
+    """Wait until the run's log shows ``text``, then cancel the run; returns the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outputs = job.outputs()
+        log = outputs[-1][LOG] if outputs and isinstance(outputs[-1][LOG], str) else ""
+        if text in log:
+            job.cancel()
+            return log
+        if job.done():
+            job.result()  # raises the app's error, if that is why it ended
+            break
+        time.sleep(0.2)
+    job.cancel()
+    pytest.fail(f"no {text!r} in the log within {timeout} s; outputs: {job.outputs()[-1:]}")
+
+
+def write_text(_source: Path, target: Path) -> None:
+    target.write_text("this is not a picture\n")
+
+
+def write_truncated(source: Path, target: Path) -> None:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+
+
+def write_resized(size):
+    def write(source: Path, target: Path) -> None:
+        Image.open(source).resize(size, Image.NEAREST).save(target, compress_level=1)
+    return write
+
+
+def write_transparent(source: Path, target: Path) -> None:
+    rgba = np.asarray(Image.open(source).convert("RGBA")).copy()
+    rgba[..., 3] = 0
+    Image.fromarray(rgba).save(target)
+
+
+# ---------------------------------------------------------------------- the API
+
+def test_api_takes_the_files_first_and_every_setting_with_a_default(client):
+    from pipeline.config import describe, preset
+
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/reconstruct"]
+    params = {p["parameter_name"]: p for p in endpoint["parameters"]}
+    first = endpoint["parameters"][0]
+    assert first["parameter_name"] == "files" and first["component"] == "File"
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"][1:])
+    assert params["camera_source"]["parameter_default"] == "auto"
+    assert params["quality"]["parameter_default"] == "fast"  # no GPU here
+    for spec in describe(preset("fast")):
+        name = spec.key.replace(".", "_", 1)
+        if spec.key != "refine.seed":
+            assert params[name]["parameter_default"] == spec.default, name
+
+
+def test_help_needs_neither_gradio_nor_torch():
+    code = "import sys, app; app.parse_args([]); print(sorted(m for m in ('torch', 'gradio') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
+    result = subprocess.run([sys.executable, "app.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--host" in result.stdout and "--port" in result.stdout
+
+
+def test_host_and_port_come_from_flags_else_gradio_variables(monkeypatch):
+    import app as app_module
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app_module.parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7999)
+    args = app_module.parse_args(["--host", "127.0.0.1", "--port", "8001"])
+    assert (args.host, args.port) == ("127.0.0.1", 8001)
+
+
+# ------------------------------------------------------------------- bad input
+
+def test_not_an_image(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, {"r_4.png": write_text})))
+    assert "r_4.png" in message and "Cannot read image" in message
+
+
+def test_unknown_file_type_is_left_out_with_a_notice(client, out_dir):
+    notes = out_dir / "notes.pdf"
+    notes.write_bytes(b"%PDF-1.4\n")
+    log = notice_then_stop(submit(client, lego_files(out_dir) + [notes]), "notes.pdf")
+    assert "left out" in log
+
+
+def test_corrupt_png(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, {"r_4.png": write_truncated})))
+    assert "r_4.png" in message
+
+
+def test_a_single_photo(client):
+    message = error_of(submit(client, [LEGO / "train" / "r_0.png"]))
+    assert "r_0.png" in message and "at least 3" in message
+
+
+def test_mixed_aspect_ratios(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, {"r_4.png": write_resized((160, 128))})))
+    assert "r_4.png" in message and "aspect ratio" in message
+
+
+def test_mixed_sizes_of_one_aspect_are_resized_with_a_notice(client, out_dir):
+    log = notice_then_stop(submit(client, lego_files(out_dir, {"r_4.png": write_resized((256, 256))})), "resized")
+    assert "r_4.png (256x256)" in log
+
+
+def test_huge_image_is_downscaled_with_a_notice(client, out_dir):
+    job = submit(client, lego_files(out_dir, {"r_4.png": write_resized((5000, 5000))}))
+    start = time.monotonic()
+    log = notice_then_stop(job, "resized", timeout=60)
+    assert "r_4.png (5000x5000)" in log
+    assert time.monotonic() - start < 60
+
+
+def test_no_foreground(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, {"r_4.png": write_transparent})))
+    assert "r_4.png" in message and "empty" in message
+
+
+def test_camera_file_for_other_photos(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, cameras=False) + [MOLD / "poses_bounds.npy"]))
+    assert "poses_bounds.npy" in message and "12 poses but 24 photos" in message
+    mold_photos = sorted((MOLD / "images").iterdir())
+    message = error_of(submit(client, mold_photos + [LEGO / "transforms_train.json"]))
+    assert "transforms_train.json" in message and "r_0" in message
+
+
+def test_no_camera_file(client, out_dir):
+    message = error_of(submit(client, lego_files(out_dir, cameras=False)))
+    assert "not available yet" in message and "transforms.json" in message
+    message = error_of(submit(client, lego_files(out_dir), camera_source="turntable"))
+    assert "'turntable' is not available yet" in message
+
+
+def test_photos_without_masks(client, out_dir):
+    def drop_alpha(source: Path, target: Path) -> None:
+        Image.open(source).convert("RGB").save(target)
+
+    files = lego_files(out_dir, {p.name: drop_alpha for p in (LEGO / "train").glob("*.png")})
+    message = error_of(submit(client, files))
+    assert "no object masks" in message
+
+
+def test_unsafe_zip_is_refused(client, out_dir):
+    archive = out_dir / "capture.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("capture/../../escape.png", b"x")
+    message = error_of(submit(client, [archive]))
+    assert "capture.zip" in message and "outside the archive" in message
+
+
+def test_zip_of_a_capture_folder_is_read(client, out_dir):
+    archive = out_dir / "lego.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(LEGO.rglob("*")):
+            zf.write(path, Path("lego_24") / path.relative_to(LEGO))
+    log = notice_then_stop(submit(client, [archive]), "Read photos done")
+    assert "24 photos" in log
+
+
+# ------------------------------------------------------------- a good job
+
+def test_a_good_job_streams_previews_and_returns_a_textured_glb(client, out_dir):
+    """Also shows that the server still serves after all the bad uploads above."""
+    job = submit(client, lego_files(out_dir))
+    previews = set()
+    for outputs in job:
+        if isinstance(outputs[PREVIEW], str):
+            previews.add(outputs[PREVIEW])
+    result = job.result(timeout=60)
+    log = result[LOG]
+    (out_dir / "log.txt").write_text(log)
+    assert len(previews) >= 3, log
+
+    glb = out_dir / "model.glb"
+    shutil.copy(result[RUN_OUTPUTS.index("glb")], glb)
+    scene = trimesh.load(glb)
+    meshes = list(scene.geometry.values()) if isinstance(scene, trimesh.Scene) else [scene]
+    assert meshes and len(meshes[0].faces) > 1000
+    texture = meshes[0].visual.material.baseColorTexture
+    assert texture is not None and min(texture.size) >= 128
+    with zipfile.ZipFile(result[RUN_OUTPUTS.index("obj_zip")]) as zf:
+        assert any(name.endswith(".obj") for name in zf.namelist())
+
+    per_view = result[RUN_OUTPUTS.index("per_view")]
+    assert len(per_view["data"]) == 24
+    metrics = result[RUN_OUTPUTS.index("metrics")]
+    assert metrics["metrics"]["train_mask_iou"] > 0.9 and metrics["timings_s"]["total"] > 0
+
+    # Each run writes a new file, so the 3D viewer reloads.
+    assert Path(result[RUN_OUTPUTS.index("glb")]).name.startswith("model-")
+
+
+def test_stop_frees_the_job_quickly_and_the_session_folder_goes_with_the_client(app, out_dir):
+    demo, url = app
+    own = Client(url, verbose=False)
+    job = submit(own, lego_files(out_dir), refine_iterations=2000)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any(isinstance(o[PREVIEW], str) for o in job.outputs()):
+        time.sleep(0.2)
+    session = next(s for s in demo.sessions.all() if s.current is not None and s.current.active())
+    job.cancel()
+    stopped = time.monotonic()
+    while session.current.active() and time.monotonic() - stopped < 10:
+        time.sleep(0.05)
+    took = time.monotonic() - stopped
+    (out_dir / "stop_seconds.txt").write_text(f"{took:.2f}\n")
+    assert not session.current.active(), "the pipeline kept running after cancel"
+    assert took < 5  # one refine step on a busy 2-core CPU; well under 2 s on an idle one or a GPU
+
+    folder = session.folder
+    assert folder.is_dir()
+    own.close()
+    deadline = time.monotonic() + 30
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists(), "the session folder outlived its client"

@@ -1,0 +1,232 @@
+"""Event handlers: uploads in, pipeline events out as component updates, errors as messages.
+
+The handlers know the outputs by name (`RUN_OUTPUTS`); `ui.layout` wires them to components.
+Every problem the user can fix (a `PipelineError`) becomes a `gr.Error` naming the file and the
+fix; anything else is logged on the server and reported without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, List, Optional
+
+import gradio as gr
+
+from pipeline import weights
+from pipeline.capture import Capture
+from pipeline.errors import PipelineError
+from pipeline.events import Preview, Result
+from pipeline.importers import detect_format, load_capture
+
+from .devices import DevicePool, PipelineWorker, pipeline_runner
+from .report import PER_VIEW_HEADERS, RunReport, gallery_items, per_view_rows, summary
+from .session import Run, Sessions
+from .settings import build_config, preset_values
+from .uploads import CAMERA_FILE_HELP, Uploads, sort_uploads
+
+log = logging.getLogger("photo3d.app")
+
+CAMERA_SOURCES = ["auto", "camera file", "estimate", "turntable"]
+CAMERA_SOURCE_HELP = "auto: the camera file among the uploads. Estimating cameras and the turntable: not available yet."
+# Outputs of the Run event, in order; `_updates` fills them by name. The 3D viewer is not one of
+# them: it gets the GLB from a follow-up event (see ui.layout).
+RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_view", "metrics")
+# How often a running job updates the page even when the pipeline is silent: the stage timers
+# tick, and Stop (which gradio applies between two updates) takes effect within this time.
+BEAT_S = 1.0
+_FORMAT_NAMES = {
+    "cameras.json": "cameras.json",
+    "transforms": "transforms.json (NeRF / instant-ngp / nerfstudio)",
+    "colmap": "COLMAP model",
+    "llff": "poses_bounds.npy (LLFF)",
+}
+
+
+class Handlers:
+    def __init__(self, sessions: Sessions, devices: DevicePool, initial_preset: str):
+        self.sessions = sessions
+        self.devices = devices
+        self.initial_values = preset_values(initial_preset)
+        self.run_pipeline = pipeline_runner()
+
+    # ------------------------------------------------------------------ page
+    @staticmethod
+    def page_opened() -> bool:
+        """Runs on page load only (never for API clients): marks the session as a browser one."""
+        return True
+
+    @staticmethod
+    def models_table() -> List[list]:
+        return weights.status_rows()
+
+    @staticmethod
+    def apply_preset(name: str) -> List[Any]:
+        """The Advanced controls' values under preset ``name``, in `advanced_fields` order."""
+        return list(preset_values(name).values())
+
+    def end_session(self, request: gr.Request) -> None:
+        self.sessions.close(request.session_hash)
+
+    # --------------------------------------------------------------- uploads
+    def show_uploads(self, files: Optional[List[str]], request: gr.Request):
+        """(gallery, summary) for what was just dropped: the photos, and what was recognised."""
+        if not files:
+            return [], ""
+        session = self.sessions.get(request.session_hash)
+        try:
+            uploads = sort_uploads(files, session.folder / "dropped")
+            kind = detect_format(uploads.source)
+        except PipelineError as error:
+            message = _tidy(error, None, files)
+            gr.Warning(message)
+            return [], f"⚠ {message}"
+        for notice in uploads.notices:
+            gr.Warning(notice)
+        cameras = _FORMAT_NAMES.get(kind, "none found (add one: " + CAMERA_FILE_HELP + ")")
+        lines = [f"**{len(uploads.photos)} photo(s)** · cameras: {cameras}"] + [f"⚠ {n}" for n in uploads.notices]
+        return [(str(p), p.name) for p in uploads.photos], "\n\n".join(lines)
+
+    # ------------------------------------------------------------------- run
+    def reconstruct(self, files: Optional[List[str]], camera_source: str = "auto", quality: str = "fast",
+                    seed: float = 0, opened_in_browser: bool = False, request: gr.Request = None,
+                    **settings: Any) -> Iterator[tuple]:
+        """Stream a reconstruction: preview, stage progress, log, then the model and its metrics."""
+        session = self.sessions.get(request.session_hash)
+        previous = session.current
+        run = session.new_run()
+        report = run.report = RunReport()
+        uploads: Optional[Uploads] = None
+        last_preview = None
+        try:
+            config = build_config(quality, seed, settings, self.initial_values, controls_follow_preset=opened_in_browser)
+            report.note(f"{len(files or [])} file(s), preset {quality}, camera source {camera_source}")
+            yield _updates(report, preview=None, gallery=[])
+            if previous is not None and previous.active():
+                previous.cancel.set()
+                report.note("waiting for the previous run to stop")
+                while previous.active():
+                    previous.worker.join(BEAT_S)
+                    yield _updates(report)
+
+            uploads = sort_uploads(files, run.folder / "uploads")
+            for text in uploads.notices:
+                _warn(report, text)
+            report.note(f"reading {len(uploads.photos)} photo(s)")
+            yield _updates(report)
+            capture = load_capture(uploads.source, max_side=config.ingest.max_image_side)
+            for text in capture.warnings:
+                _warn(report, uploads.tidy(text))
+            _check_cameras(camera_source, capture)
+            gallery = gallery_items(capture, run.folder / "gallery")
+            yield _updates(report, gallery=gallery)
+
+            worker = PipelineWorker(self.run_pipeline, self.devices, capture, config, run.folder,
+                                    cancel=run.cancel.is_set, name=f"model-{run.number:03d}")
+            run.worker = worker.thread
+            worker.start()
+            result = None
+            for batch in worker.batches(BEAT_S):
+                fresh = {}
+                for event in batch:
+                    if isinstance(event, Preview):
+                        fresh["preview"] = last_preview = event.image
+                    elif isinstance(event, Result):
+                        result = event
+                    warning = report.apply(event)
+                    if warning is not None:
+                        gr.Warning(uploads.tidy(warning))
+                if run.cancel.is_set():
+                    report.stop("stopped")
+                yield _updates(report, **fresh)
+            if result is None:  # stopped before the end: the pipeline said so in a Warning
+                report.stop("stopped")
+                yield _updates(report)
+                return
+            yield _updates(report, preview=last_preview, gallery=gallery, glb=result.glb_path, obj_zip=result.zip_path,
+                           per_view={"headers": PER_VIEW_HEADERS, "data": per_view_rows(result)},
+                           metrics=summary(result))
+        except PipelineError as error:
+            message = _tidy(error, uploads, files)
+            report.stop(f"error: {message}")
+            raise gr.Error(message, title="Cannot reconstruct") from None
+        except gr.Error:
+            raise
+        except MemoryError:
+            report.stop("error: out of memory")
+            raise gr.Error(_OUT_OF_MEMORY, title="Out of memory") from None
+        except Exception as error:
+            if _is_out_of_gpu_memory(error):
+                report.stop("error: out of GPU memory")
+                raise gr.Error(_OUT_OF_MEMORY, title="Out of GPU memory") from None
+            log.exception("reconstruction failed")
+            report.stop(f"error: {type(error).__name__}")
+            raise gr.Error(f"The reconstruction failed: {type(error).__name__}: {error}. The server log has the "
+                           "details; the app keeps running, so you can change the input or settings and run again.",
+                           title="Internal error") from None
+        finally:
+            # Also reached when the page's Stop or an API client's cancel closes this generator:
+            # the pipeline polls the flag and frees its device within a step.
+            run.cancel.set()
+
+    @staticmethod
+    def show_model(glb_path: Optional[str]) -> Optional[str]:
+        """The 3D viewer's value: the GLB just produced (each run writes a new path)."""
+        return glb_path
+
+    def stop(self, request: gr.Request):
+        """(stages, log) after asking the session's run to stop; the Run event itself is
+        cancelled by gradio (`cancels=`)."""
+        session = self.sessions.peek(request.session_hash)
+        run: Optional[Run] = session.current if session is not None else None
+        if run is None or run.report is None:
+            return gr.skip(), gr.skip()
+        run.cancel.set()
+        run.report.stop("stopped")
+        return run.report.stages_html(), run.report.log_text()
+
+
+_OUT_OF_MEMORY = ("Out of memory. Lower 'Max image side', 'Texture size', 'Mesh faces' or 'Render resolution' "
+                  "in Advanced (or choose the fast preset) and run again.")
+
+
+def _updates(report: RunReport, **values: Any) -> tuple:
+    """One update of the Run outputs: stage table and log always, the rest only when given."""
+    values.update(stages=report.stages_html(), log=report.log_text())
+    return tuple(values[name] if name in values else gr.skip() for name in RUN_OUTPUTS)
+
+
+def _warn(report: RunReport, text: str) -> None:
+    if report.notice(text):
+        gr.Warning(text)
+
+
+def _check_cameras(camera_source: str, capture: Capture) -> None:
+    """Refuse camera sources that cannot work yet, saying what to do instead."""
+    if camera_source in ("estimate", "turntable"):
+        raise PipelineError(
+            f"Camera source '{camera_source}' is not available yet. Choose 'auto' or 'camera file' and add a "
+            f"camera file to the photos: {CAMERA_FILE_HELP}."
+        )
+    if capture.cameras is None:
+        if camera_source == "camera file":
+            raise PipelineError(f"No camera file among the uploads. Add one: {CAMERA_FILE_HELP}.")
+        raise PipelineError(
+            "No camera file among the uploads, and estimating the cameras from the photos is not available yet. "
+            f"Add a camera file: {CAMERA_FILE_HELP}."
+        )
+
+
+def _tidy(error: Exception, uploads: Optional[Uploads], files: Optional[List[str]]) -> str:
+    """The error's message with temporary upload paths replaced by the file names the user knows."""
+    if uploads is not None:
+        return uploads.tidy(str(error))
+    return Uploads(source=[], photos=[], shown_as={str(f): _name(f) for f in files or []}).tidy(str(error))
+
+
+def _name(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _is_out_of_gpu_memory(error: Exception) -> bool:
+    return type(error).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch here
+

@@ -1,0 +1,181 @@
+"""The page: drop zone and gallery, controls, Run/Stop, live preview and progress, 3D result.
+
+`build_demo()` returns the Blocks and the launch arguments it needs (CSS, allowed paths), so
+app.py and the tests launch the same app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from pipeline.config import PRESETS, FieldSpec, preset
+from pipeline.weights import TABLE_HEADERS
+
+from .devices import DevicePool
+from .handlers import CAMERA_SOURCE_HELP, CAMERA_SOURCES, RUN_OUTPUTS, Handlers
+from .report import PER_VIEW_HEADERS, STAGES_CSS, STAGE_TITLES, RunReport
+from .session import Sessions
+from .settings import advanced_fields, api_name
+from .uploads import CAMERA_FILE_HELP
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+# Uploaded files older than this are removed (results are written per run, so a session that
+# stays open for hours keeps only what it can still download): (how often, how old), seconds.
+DELETE_CACHE = (1800, 3 * 3600)
+MAX_QUEUE = 8  # waiting jobs beyond this get gradio's "busy, try again" message
+MAX_FILE_SIZE = "200mb"  # a 50-megapixel PNG; larger photos are downscaled anyway
+
+INTRO = f"""# Photos to 3D
+Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
+(PNG alpha, or mask files named `<photo>_mask.png`) and a camera file ({CAMERA_FILE_HELP}), or one
+.zip of such a capture folder. Then press **Run**: the preview shows the current render beside the
+photo, and a turntable view. Or click an example below.
+"""
+
+
+@dataclass
+class LaunchOptions:
+    """What `Blocks.launch` needs besides host and port."""
+
+    allowed_paths: List[str] = field(default_factory=list)
+    css: str = STAGES_CSS
+    max_file_size: str = MAX_FILE_SIZE
+
+
+def examples() -> List[list]:
+    """Example rows [files, camera source, preset] for the captures in assets/ that are present."""
+    rows = []
+    for folder in sorted(p for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []:
+        files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "LICENSE.md"))
+        if files:
+            rows.append([files, "auto", "fast"])
+    return rows
+
+
+def build_demo(sessions_parent: Optional[Path] = None) -> tuple[gr.Blocks, LaunchOptions]:
+    devices = DevicePool.detect()
+    initial_preset = "balanced" if devices.on_gpu else "fast"  # fast takes minutes on a CPU
+    sessions = Sessions(Path(sessions_parent) if sessions_parent is not None else Path(get_upload_folder()))
+    handlers = Handlers(sessions, devices, initial_preset)
+    initial = preset(initial_preset)
+
+    with gr.Blocks(title="Photos to 3D", delete_cache=DELETE_CACHE) as demo:
+        opened_in_browser = gr.State(False)
+        gr.Markdown(INTRO)
+        # Created before the examples, which fill them in, and shown further down.
+        camera_source = gr.Dropdown(CAMERA_SOURCES, value="auto", label="Camera source", info=CAMERA_SOURCE_HELP,
+                                    render=False)
+        quality = gr.Dropdown(list(PRESETS), value=initial_preset, label="Quality preset",
+                              info="Sets the Advanced values", render=False)
+        with gr.Row():
+            with gr.Column(scale=1):
+                # No file_types filter: gradio would refuse other files with a message that does not
+                # name them; the handlers leave them out with a notice that does.
+                files = gr.File(label="Photos, masks, camera file, or one .zip", file_count="multiple",
+                                height=160, elem_id="uploads")
+                example_rows = examples()
+                if example_rows:
+                    gr.Examples(example_rows, inputs=[files, camera_source, quality],
+                                label="Examples: click one, then Run",
+                                example_labels=[_example_label(row[0]) for row in example_rows])
+                upload_summary = gr.Markdown(elem_id="upload-summary")
+                gallery = gr.Gallery(label="Photos (object mask shown once known)", format="png", columns=6,
+                                     height=220, object_fit="contain", elem_id="gallery")
+                with gr.Row():
+                    camera_source.render()
+                    quality.render()
+                    seed = gr.Number(value=initial.refine.seed, precision=0, label="Seed", minimum=0)
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="run")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    advanced = _advanced_controls(advanced_fields(initial))
+                with gr.Accordion("Models", open=False):
+                    gr.Markdown("Optional learned models (`python -m pipeline weights` shows the same table).")
+                    models = gr.Dataframe(headers=list(TABLE_HEADERS), interactive=False, wrap=True)
+            with gr.Column(scale=1):
+                preview = gr.Image(label="Live preview: render | photo | turntable", format="png",
+                                   interactive=False, height=200, elem_id="preview")
+                stages = gr.HTML(RunReport().stages_html(), css_template=STAGES_CSS, js_on_load=None,
+                                 elem_id="stages")
+                run_log = gr.Textbox(label="Log", lines=5, max_lines=5, autoscroll=True, interactive=False,
+                                     elem_id="log")
+                model = gr.Model3D(label="Result", height=380, clear_color=(0.95, 0.95, 0.95, 1.0),
+                                   elem_id="model")
+                with gr.Row():
+                    glb = gr.DownloadButton("Download GLB", size="md", elem_id="download-glb")
+                    obj_zip = gr.DownloadButton("Download OBJ (zip)", size="md", elem_id="download-obj")
+                per_view = gr.Dataframe(headers=PER_VIEW_HEADERS, label="Per-view fit", interactive=False,
+                                        max_height=240, elem_id="per-view")
+                metrics = gr.JSON(label="Metrics and timings", elem_id="metrics")
+
+        outputs = dict(preview=preview, stages=stages, log=run_log, gallery=gallery, glb=glb, obj_zip=obj_zip,
+                       per_view=per_view, metrics=metrics)
+        demo.load(handlers.page_opened, outputs=opened_in_browser, api_visibility="private")
+        demo.load(handlers.models_table, outputs=models, api_visibility="private")
+        files.change(handlers.show_uploads, inputs=files, outputs=[gallery, upload_summary],
+                     api_visibility="private")
+        quality.change(handlers.apply_preset, inputs=quality, outputs=list(advanced.values()),
+                       api_visibility="private")
+        run_event = run_button.click(
+            handlers.reconstruct,
+            inputs=[files, camera_source, quality, seed, opened_in_browser],
+            inputs_kwargs=advanced,
+            outputs=[outputs[name] for name in RUN_OUTPUTS],
+            api_name="reconstruct",
+            api_description="Photos (+ masks + camera file, or one .zip) -> textured GLB, streaming previews.",
+            concurrency_limit=devices.size,
+            concurrency_id="gpu",
+            show_progress="minimal",
+        )
+        # The viewer gets the GLB in an event of its own: gradio 6.31's Model3D never draws a model
+        # that arrives in a later message of a streaming event (its viewer import gets cancelled).
+        run_event.success(handlers.show_model, inputs=glb, outputs=model, api_visibility="private")
+        stop_button.click(handlers.stop, outputs=[stages, run_log], cancels=[run_event], queue=False,
+                          api_visibility="private")
+        demo.unload(handlers.end_session)
+
+    demo.queue(max_size=MAX_QUEUE)
+    demo.sessions = sessions  # for the app's shutdown and for tests
+    return demo, LaunchOptions(allowed_paths=[str(ASSETS)])
+
+
+def _advanced_controls(specs: List[FieldSpec]) -> Dict[str, gr.components.Component]:
+    """One control per config field, grouped by stage: {API parameter name: component}."""
+    controls: Dict[str, gr.components.Component] = {}
+    for stage in STAGE_TITLES:
+        with gr.Group():
+            gr.Markdown(f"**{STAGE_TITLES[stage]}**", padding=True)
+            for spec in (s for s in specs if s.key.startswith(stage + ".")):
+                controls[api_name(spec.key)] = _control(spec)
+    return controls
+
+
+def _control(spec: FieldSpec) -> gr.components.Component:
+    label = spec.key.split(".")[1].replace("_", " ").capitalize()
+    if spec.choices is not None:
+        return gr.Dropdown(list(spec.choices), value=spec.default, label=label, info=spec.help)
+    if spec.type is bool:
+        return gr.Checkbox(value=spec.default, label=label, info=spec.help)
+    low, high = spec.range
+    return gr.Slider(low, high, value=spec.default, step=spec.step, label=label, info=spec.help)
+
+
+def _example_label(files: List[str]) -> str:
+    folder = Path(files[0]).relative_to(ASSETS).parts[0]
+    readme = ASSETS / folder / "README.md"
+    title = readme.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() if readme.is_file() else folder
+    return title
+
+
+def close(demo: gr.Blocks) -> None:
+    """Close the server and remove every session folder."""
+    demo.close()
+    demo.sessions.close_all()
+

@@ -1,0 +1,164 @@
+"""What the page shows about a run: stage progress, a compact log, metrics, the photo gallery.
+
+Built only from the pipeline's events and the capture; no computation of its own beyond
+formatting (the preview strip itself comes composed from the pipeline).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from PIL import Image
+
+from pipeline.capture import Capture
+from pipeline.config import STAGES
+from pipeline.events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
+
+STAGE_TITLES = {"ingest": "Read photos", "hull": "Visual hull", "refine": "Refine", "export": "Export"}
+LOG_LINES = 200  # the log box shows the end; older lines only push the page's memory up
+PER_VIEW_HEADERS = ["view", "PSNR (dB)", "mask IoU"]
+
+STAGES_CSS = """
+.photo3d-stages { display: grid; grid-template-columns: 7.5em 1fr; gap: 2px 10px; align-items: center; font-size: 0.9em; }
+.photo3d-stages .bar { height: 0.7em; border-radius: 0.35em; background: var(--neutral-200, #e5e7eb); overflow: hidden; }
+.photo3d-stages .fill { height: 100%; background: var(--color-accent, #f97316); transition: width 0.3s; }
+.photo3d-stages .done .fill { background: var(--color-green-500, #22c55e); }
+.photo3d-stages .stopped .fill, .photo3d-stages .failed .fill { background: var(--color-red-500, #ef4444); }
+.photo3d-stages .detail { grid-column: 2; color: var(--body-text-color-subdued, #6b7280); font-size: 0.9em; margin-bottom: 4px; }
+.photo3d-stages .running.name { font-weight: bold; }
+"""
+
+
+@dataclass
+class StageState:
+    state: str = "waiting"  # waiting, running, done, stopped, failed
+    fraction: float = 0.0
+    message: str = ""
+    started: Optional[float] = None
+    seconds: Optional[float] = None
+
+
+class RunReport:
+    """The stage table and log of one run, updated from pipeline events."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.stages: Dict[str, StageState] = {stage: StageState() for stage in STAGES}
+        self.lines: List[str] = []
+        self._notices_seen: set[str] = set()
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"{time.monotonic() - self.started:6.1f}s  {text}")
+        del self.lines[:-LOG_LINES]
+
+    def notice(self, text: str) -> bool:
+        """Log a warning for the user; False when the same one was already shown this run."""
+        if text in self._notices_seen:
+            return False
+        self._notices_seen.add(text)
+        self.note(f"⚠ {text}")
+        return True
+
+    def apply(self, event: Event) -> Optional[str]:
+        """Take one pipeline event into account; returns the text of a new warning, if any."""
+        if isinstance(event, StageStarted):
+            stage = self.stages[event.stage]
+            stage.state, stage.started, stage.message = "running", time.monotonic(), event.message
+            self.note(f"{STAGE_TITLES[event.stage]}: {event.message}")
+        elif isinstance(event, StageFinished):
+            stage = self.stages[event.stage]
+            stage.state, stage.fraction, stage.seconds = "done", 1.0, event.seconds
+            self.note(f"{STAGE_TITLES[event.stage]} done in {event.seconds:.1f} s")
+        elif isinstance(event, Progress):
+            stage = self.stages[event.stage]
+            stage.fraction, stage.message = event.fraction, event.message or stage.message
+        elif isinstance(event, Metrics):
+            self._metrics(event)
+        elif isinstance(event, Warning):
+            return event.message if self.notice(event.message) else None
+        elif isinstance(event, Result):
+            summary = ", ".join(f"{k} {v:.3f}" for k, v in sorted(event.metrics.items()))
+            self.note(f"Finished in {event.timings.get('total', 0.0):.1f} s: {summary}")
+        return None
+
+    def _metrics(self, event: Metrics) -> None:
+        values = ", ".join(f"{k} {_number(v)}" for k, v in event.values.items() if k != "step")
+        if event.stage == "refine":  # one per preview: too many for the log, shown beside the bar
+            stage = self.stages["refine"]
+            stage.message = f"{stage.message.split(' · ')[0]} · {values}"
+        else:
+            self.note(f"{STAGE_TITLES.get(event.stage, event.stage)}: {values}")
+
+    def stop(self, why: str) -> None:
+        """Mark the running stage as stopped (Stop, cancel, or an error); idempotent."""
+        for stage in self.stages.values():
+            if stage.state == "running":
+                stage.state = "stopped" if why == "stopped" else "failed"
+        last = self.lines[-1] if self.lines else ""
+        if why not in last:
+            self.note(why)
+
+    def stages_html(self) -> str:
+        rows = []
+        now = time.monotonic()
+        for name, stage in self.stages.items():
+            seconds = stage.seconds if stage.seconds is not None else (
+                now - stage.started if stage.started is not None and stage.state == "running" else None)
+            detail = " · ".join(part for part in (stage.message, f"{seconds:.0f} s" if seconds is not None else "") if part)
+            rows.append(
+                f'<div class="name {stage.state}">{html.escape(STAGE_TITLES[name])}</div>'
+                f'<div class="bar {stage.state}" title="{stage.state}">'
+                f'<div class="fill" style="width: {100 * stage.fraction:.0f}%"></div></div>'
+                f'<div class="detail">{html.escape(detail or stage.state)}</div>'
+            )
+        return f'<div class="photo3d-stages">{"".join(rows)}</div>'
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def per_view_rows(result: Result) -> List[list]:
+    return [
+        [name, round(values.get("psnr", float("nan")), 2), round(values.get("mask_iou", float("nan")), 3)]
+        for name, values in sorted(result.per_view.items())
+    ]
+
+
+def summary(result: Result) -> dict:
+    """Metrics and timings of a result, for the JSON panel (and API callers)."""
+    out = {"metrics": result.metrics, "timings_s": result.timings}
+    if result.heldout is not None:
+        out["heldout"] = result.heldout
+    return out
+
+
+def gallery_items(capture: Capture, folder: Path) -> List[tuple[str, str]]:
+    """(PNG path, caption) per photo, the object's mask shown by dimming the background.
+
+    Written once to files, so later updates of the page resend paths, not pixels.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for index, name in enumerate(capture.names):
+        photo = Image.fromarray(_to_bytes(capture.images[index]))
+        if capture.masks is not None:
+            mask = Image.fromarray(_to_bytes(capture.masks[index]))  # 2-D uint8: mode L
+            dimmed = Image.blend(photo, Image.new("RGB", photo.size, (40, 40, 90)), 0.65)
+            photo = Image.composite(photo, dimmed, mask)
+        path = folder / f"{index:04d}.png"
+        photo.save(path)
+        items.append((str(path), name if capture.masks is not None else f"{name} (no mask)"))
+    return items
+
+
+def _to_bytes(values: np.ndarray) -> np.ndarray:  # float in [0, 1] -> uint8, for display only
+    return (np.clip(values, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"

@@ -1,0 +1,120 @@
+"""Per-browser-session state: a private temp folder and the run in progress.
+
+Each session (gradio's ``session_hash``: a page load or a gradio_client) gets a folder for its
+unpacked uploads and results, created on first use and removed when the session ends
+(`Blocks.unload`). Results get a new file name per run, so the 3D viewer, which reloads only
+when the path changes, always shows the latest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+@dataclass
+class Run:
+    """One reconstruction: its cancel flag, polled by the pipeline, and the thread that runs it."""
+
+    number: int
+    folder: Path
+    cancel: threading.Event = field(default_factory=threading.Event)
+    worker: Optional[threading.Thread] = None
+    report: Optional[object] = None  # ui.report.RunReport, so Stop can show what was done
+
+    def active(self) -> bool:
+        return self.worker is not None and self.worker.is_alive()
+
+
+@dataclass
+class Session:
+    folder: Path
+    runs: int = 0
+    current: Optional[Run] = None
+
+    def new_run(self) -> Run:
+        self.runs += 1
+        run = Run(self.runs, self.folder / f"run-{self.runs:03d}")
+        run.folder.mkdir(parents=True, exist_ok=True)
+        self.current = run
+        return run
+
+
+class Sessions:
+    """All live sessions, each in its own folder under ``root`` (thread-safe)."""
+
+    def __init__(self, parent: Path):
+        # The app puts ``parent`` in gradio's upload folder: files returned from there are served
+        # without another copy, and `delete_cache` ages them out even when a session never ends
+        # cleanly. One folder per app process, so two apps on one machine never share.
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="photo3d-sessions-", dir=parent))
+        self._sessions: Dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_hash: str) -> Session:
+        with self._lock:
+            if session_hash not in self._sessions:
+                folder = Path(tempfile.mkdtemp(prefix=_safe_prefix(session_hash), dir=self.root))
+                self._sessions[session_hash] = Session(folder)
+            return self._sessions[session_hash]
+
+    def peek(self, session_hash: str) -> Optional[Session]:
+        with self._lock:
+            return self._sessions.get(session_hash)
+
+    def close(self, session_hash: str) -> None:
+        """Stop the session's run and delete its folder (once the run has let go of it)."""
+        with self._lock:
+            session = self._sessions.pop(session_hash, None)
+        if session is not None:
+            _remove_when_done(session)
+
+    def close_all(self, wait_s: float = 30.0) -> None:
+        """At shutdown: stop every run, give them ``wait_s`` to let go, delete all folders.
+
+        Waiting matters: a job thread still inside torch when the interpreter exits aborts it.
+        """
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        runs = [s.current for s in sessions if s.current is not None and s.current.active()]
+        for run in runs:
+            run.cancel.set()
+        deadline = time.monotonic() + wait_s
+        for run in runs:
+            run.worker.join(max(0.0, deadline - time.monotonic()))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def all(self) -> List[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+def _remove_when_done(session: Session) -> None:
+    run = session.current
+    if run is None or not run.active():
+        shutil.rmtree(session.folder, ignore_errors=True)
+        return
+    run.cancel.set()
+
+    def remove_after_run() -> None:
+        # The pipeline still writes into the folder until it sees the cancel flag.
+        run.worker.join()
+        shutil.rmtree(session.folder, ignore_errors=True)
+
+    threading.Thread(target=remove_after_run, name="photo3d-session-cleanup", daemon=True).start()
+
+
+def _safe_prefix(session_hash: str) -> str:
+    """A folder name prefix from a client-chosen session id: only letters, digits, '-' and '_'."""
+    return "".join(c for c in session_hash if c.isalnum() or c in "-_")[:40] + "-"

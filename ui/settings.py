@@ -1,0 +1,50 @@
+"""The tunable settings as the app shows them: one control per pipeline config field.
+
+Everything (defaults, ranges, steps, help) comes from `pipeline.config.describe()`, so the app
+and the CLI cannot drift apart. Each field gets an API parameter name, e.g. "refine.iterations" ->
+``refine_iterations`` (stage names hold no underscore, so the name maps back unambiguously).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from pipeline.config import FieldSpec, ReconstructionConfig, apply_overrides, describe, preset
+
+# The seed has its own control next to the preset (it changes results, not quality), so the
+# Advanced accordion leaves it out.
+SEED_KEY = "refine.seed"
+
+
+def api_name(key: str) -> str:
+    return key.replace(".", "_", 1)
+
+
+def advanced_fields(config: ReconstructionConfig) -> List[FieldSpec]:
+    """The fields shown in the Advanced accordion, with ``config``'s values as defaults."""
+    return [spec for spec in describe(config) if spec.key != SEED_KEY]
+
+
+def preset_values(preset_name: str) -> Dict[str, Any]:
+    """{API name: value} of every Advanced field under the named preset (what the sliders show)."""
+    return {api_name(spec.key): spec.default for spec in advanced_fields(preset(preset_name))}
+
+
+def build_config(preset_name: str, seed: Any, values: Dict[str, Any], initial_values: Dict[str, Any],
+                 controls_follow_preset: bool) -> ReconstructionConfig:
+    """The config of one run: the preset, then the Advanced values, then the seed.
+
+    In the page the controls always show the preset's values plus the user's edits, so all of
+    them apply (``controls_follow_preset``). An API caller that passes only some values gets the
+    page's initial values for the rest; those must not undo the preset it asked for, so only the
+    values that differ from ``initial_values`` apply. Raises PipelineError for a bad value.
+    """
+    by_api_name = {api_name(spec.key): spec.key for spec in advanced_fields(ReconstructionConfig())}
+    overrides = {
+        by_api_name[name]: value
+        for name, value in values.items()
+        if value is not None and (controls_follow_preset or value != initial_values.get(name))
+    }
+    if seed is not None:
+        overrides[SEED_KEY] = seed
+    return apply_overrides(preset(preset_name), overrides)

@@ -1,0 +1,162 @@
+"""Browser uploads -> what `pipeline.importers.load_capture` reads.
+
+The drop zone delivers each file in its own temporary folder, under its original name. Loose
+files go to the loader as a list (it matches photos, masks and camera files by name); one .zip of
+a capture folder is unpacked, safely, and read as a folder. Files the loader would not use are
+left out with a notice rather than failing the run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Dict, List, Optional, Sequence, Union
+
+from pipeline.errors import PipelineError
+from pipeline.importers.sources import MASK_FOLDERS, is_image, is_mask
+
+# An unpacked capture is photos plus small text files; anything beyond these limits is not one
+# (or is a zip bomb), and refusing it keeps one upload from filling the server's disk.
+MAX_ZIP_MEMBERS = 5000
+MAX_ZIP_BYTES = 2 * 1024**3
+_COPY_CHUNK = 1024 * 1024
+
+CAMERA_FILE_HELP = (
+    "transforms.json / transforms_train.json, cameras.json, poses_bounds.npy, or a COLMAP model "
+    "(cameras, images[, points3D] as .bin or .txt)"
+)
+_CAMERA_FILE_NAME = re.compile(
+    r"^(transforms(_\w+)?\.json|cameras\.json|poses_bounds\.npy|(cameras|images|points3D|rigs|frames)\.(bin|txt))$"
+)
+# Files that archivers add and nobody means as input (macOS resource forks, Finder and
+# Explorer metadata).
+_ARCHIVE_JUNK = re.compile(r"(^|/)(__MACOSX/|\._|\.DS_Store$|Thumbs\.db$)")
+
+
+@dataclass
+class Uploads:
+    """The uploads, sorted out."""
+
+    source: Union[Path, List[Path]]  # for load_capture: an unpacked folder, or the loose files
+    photos: List[Path]  # the photos (not masks), in name order, for the gallery
+    notices: List[str] = field(default_factory=list)  # files left out, and why
+    # Upload paths as messages should show them: temporary folders mean nothing to the user.
+    shown_as: Dict[str, str] = field(default_factory=dict)
+
+    def tidy(self, message: str) -> str:
+        """``message`` with every upload path replaced by the name the user knows."""
+        for path in sorted(self.shown_as, key=len, reverse=True):
+            message = message.replace(path, self.shown_as[path])
+        return message
+
+
+def is_camera_file(path: Path) -> bool:
+    return bool(_CAMERA_FILE_NAME.match(path.name))
+
+
+def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path) -> Uploads:
+    """Sort the uploaded ``files`` into a capture source; a .zip is unpacked under ``workdir``.
+
+    Raises PipelineError when there is nothing to use, or for a bad or unsafe zip.
+    """
+    paths = [Path(f) for f in (files or [])]
+    if not paths:
+        raise PipelineError("No files uploaded: drop the photos (and masks and camera file) or one .zip of the capture folder.")
+    zips = [p for p in paths if p.suffix.lower() == ".zip"]
+    if zips and len(paths) > 1:
+        raise PipelineError(
+            f"{zips[0].name} came with {len(paths) - 1} other file(s): upload either one .zip of the capture "
+            "folder or the loose photos, masks and camera file, not both."
+        )
+    if zips:
+        return _unpacked(zips[0], workdir)
+
+    kept, notices = [], []
+    for path in paths:
+        if is_image(path) or is_camera_file(path):
+            kept.append(path)
+        elif path.suffix.lower() in (".json", ".npy", ".bin", ".txt"):
+            notices.append(f"{path.name}: not a camera file name the app knows, so it was left out. "
+                           f"If it holds the cameras, rename it: {CAMERA_FILE_HELP}.")
+        else:
+            notices.append(f"{path.name}: not a photo (JPEG, PNG or WebP), mask, camera file or .zip; left out.")
+    if not kept:
+        raise PipelineError(f"None of the uploaded files is a photo: {', '.join(p.name for p in paths[:5])}. "
+                            "Upload JPEG, PNG or WebP photos of the object (at least 3).")
+    photos = sorted((p for p in kept if is_image(p) and not is_mask(p)), key=lambda p: p.name)
+    shown_as = {str(p): p.name for p in paths}
+    return Uploads(source=kept, photos=photos, notices=notices, shown_as=shown_as)
+
+
+def _unpacked(archive: Path, workdir: Path) -> Uploads:
+    target = workdir / archive.stem
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = _safe_members(zf, archive.name)
+            for info, parts in members:
+                _extract(zf, info, target.joinpath(*parts), archive.name)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as e:
+        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again.") from None
+    root = _single_folder(target)
+    photos = sorted(
+        (p for p in root.rglob("*") if p.is_file() and is_image(p) and not is_mask(p)
+         and not _in_mask_folder(p, root)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not photos:
+        raise PipelineError(f"{archive.name} holds no photos (JPEG, PNG or WebP). Zip the folder that holds them.")
+    return Uploads(source=root, photos=photos, shown_as={str(root): archive.name, str(archive): archive.name})
+
+
+def _safe_members(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """(member, path parts) to extract; refuses members that could land outside the target folder."""
+    members, total = [], 0
+    for info in zf.infolist():
+        name = info.filename.replace("\\", "/")
+        if info.is_dir() or _ARCHIVE_JUNK.search(name):
+            continue
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or PureWindowsPath(info.filename).drive or ".." in parts:
+            raise PipelineError(f"{label}: member '{info.filename}' points outside the archive (absolute path or '..'). "
+                                "Zip the capture folder itself, with relative paths.")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise PipelineError(f"{label}: member '{info.filename}' is a symbolic link; links are not accepted. "
+                                "Zip the files themselves.")
+        total += info.file_size
+        members.append((info, parts))
+        if len(members) > MAX_ZIP_MEMBERS or total > MAX_ZIP_BYTES:
+            raise PipelineError(f"{label}: more than {MAX_ZIP_MEMBERS} files or {MAX_ZIP_BYTES // 1024**3} GB unpacked; "
+                                "that is not one capture. Zip only the photos, masks and camera file.")
+    return members
+
+
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, label: str) -> None:
+    """Copy one member, stopping at its declared size (a forged header cannot inflate it further)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zf.open(info) as src, target.open("wb") as dst:
+        while chunk := src.read(_COPY_CHUNK):
+            written += len(chunk)
+            if written > info.file_size:
+                raise PipelineError(f"{label}: member '{info.filename}' unpacks to more than it declares. "
+                                    "The archive is damaged or forged; zip the capture folder again.")
+            dst.write(chunk)
+
+
+def _single_folder(folder: Path) -> Path:
+    """The capture folder inside an unpacked zip: a lone top-level folder is the usual case."""
+    entries = list(folder.iterdir())
+    if len(entries) == 1 and entries[0].is_dir():
+        return _single_folder(entries[0])
+    return folder
+
+
+def _in_mask_folder(path: Path, root: Path) -> bool:
+    return any(part.lower() in MASK_FOLDERS for part in path.relative_to(root).parts[:-1])
