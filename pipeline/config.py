@@ -26,6 +26,18 @@ class IngestConfig:
 
 
 @dataclass
+class CamerasConfig:
+    source: str = param("file", "Cameras: from the camera file only (file); estimated when missing (auto); always "
+                        "by structure from motion (estimate); or a turntable at equal steps (turntable)",
+                        choices=("file", "auto", "estimate", "turntable"))
+    masks: str = param("auto", "Masks for photos without: the learned segmenter when installed, else classical",
+                       choices=("auto", "classical", "segmenter"))
+    exclude_bad_masks: bool = param(True, "Leave out photos whose estimated mask looks wrong")
+    turntable_elevation_deg: float = param(15.0, "Turntable: camera height above the object's middle (degrees)", -89.0, 89.0, 1.0)
+    fov_deg: float = param(50.0, "Turntable: field of view along the longer side when the photos carry no EXIF focal length", 10.0, 120.0, 1.0)
+
+
+@dataclass
 class HullConfig:
     grid_resolution: int = param(128, "Voxels per side of the visual-hull grid", 32, 384, 16)
     bad_view_tolerance: int = param(0, "A voxel survives if it is outside the mask in at most this many views (raise for bad masks)", 0, 8, 1)
@@ -56,6 +68,9 @@ class ExportConfig:
 @dataclass
 class ReconstructionConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    # Not in STAGES yet: the UI titles every stage of STAGES (ui/report.py STAGE_TITLES) and would need a
+    # "cameras" entry first; until then camera estimation reports its events under "ingest".
+    cameras: CamerasConfig = field(default_factory=CamerasConfig)
     hull: HullConfig = field(default_factory=HullConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

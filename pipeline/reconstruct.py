@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -11,9 +13,10 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from . import export
+from . import export, sfm
+from . import masks as masks_mod
 from .capture import Capture
-from .config import ReconstructionConfig
+from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
 from .evaluate import compare_views
 from .events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
@@ -22,6 +25,8 @@ from .importers import save_cameras_json
 from .normalize import estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, check_cancel, refine
 from .render import Rasterizer
+from .sfm import ProgressFn
+from .turntable import turntable_from_files
 from .uv import UnwrapJob
 
 MIN_VIEWS = 3
@@ -36,26 +41,109 @@ def split_holdout(capture: Capture, every: int) -> tuple[Capture, Optional[Captu
     return capture.subset(~held), capture.subset(held)
 
 
-def validate_capture(capture: Capture) -> None:
-    """Refuse what the posed pipeline cannot use, saying what to do instead."""
+def validate_capture(capture: Capture, camera_source: str = "file") -> None:
+    """Refuse what the pipeline cannot use, saying what to do instead.
+
+    With ``camera_source`` "file" the capture must bring its cameras and masks; otherwise the missing
+    ones are estimated (`estimate_missing`) and only the photo count and given masks are checked.
+    """
     if len(capture) < MIN_VIEWS:
         raise PipelineError(
             f"only {len(capture)} photo(s) given; at least {MIN_VIEWS} views of the object are needed "
             "(20-60 from all around works best)"
         )
-    if capture.cameras is None:
+    if capture.cameras is None and camera_source == "file":
         raise PipelineError(
             "no camera poses: add a camera file (transforms.json, poses_bounds.npy, a COLMAP model or "
-            "cameras.json) next to the photos"
+            "cameras.json) next to the photos, or set cameras.source to 'auto' to estimate them"
         )
     if capture.masks is None:
-        raise PipelineError("no object masks: give PNG photos with an alpha channel or a masks/ folder")
+        if camera_source == "file":
+            raise PipelineError("no object masks: give PNG photos with an alpha channel or a masks/ folder, "
+                                "or set cameras.source to 'auto' to estimate them")
+        return
     empty = [capture.names[i] for i in range(len(capture)) if float(capture.masks[i].max()) <= 0.5]
     if empty:
         raise PipelineError(
             f"empty mask (no object pixels) in {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}: "
             "fix or remove these photos"
         )
+
+
+def _run_in_thread(work: Callable[[ProgressFn], object], stage: str, cancel: Optional[Callable[[], bool]]):
+    """Run ``work(progress)`` in a thread, yielding its progress as `Progress` events; returns its result.
+
+    pycolmap blocks for tens of seconds: the thread lets the event stream (and the UI) keep moving.
+    """
+    reports: "queue.Queue[tuple[float, str]]" = queue.Queue()
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work(lambda fraction, message: reports.put((fraction, message)))
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive() or not reports.empty():
+        try:
+            fraction, message = reports.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        yield Progress(stage, fraction, message)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    check_cancel(cancel)
+    return outcome["value"]
+
+
+def estimate_missing(capture: Capture, config: CamerasConfig,
+                     cancel: Optional[Callable[[], bool]] = None) -> Iterator[Event]:
+    """Masks and/or cameras for a capture that lacks them, as events; returns the completed capture.
+
+    Masks first (the turntable prior needs silhouettes, SfM uses them to drop background features);
+    photos whose mask looks wrong are left out when ``config.exclude_bad_masks``. Cameras by structure
+    from motion ("auto", "estimate") or the turntable prior ("turntable"); photos SfM cannot place are
+    dropped with a warning. Events are reported under the "ingest" stage (see config.ReconstructionConfig).
+    """
+    stage = "ingest"
+    names = list(capture.names)
+    images, masks = capture.images, capture.masks
+    index = np.arange(len(capture))  # [N'] the input views still in use
+    if masks is None:
+        yield Progress(stage, 0.05, f"estimating object masks for {len(capture)} photos")
+        est = masks_mod.estimate_masks(images, names, method=config.masks)
+        check_cancel(cancel)
+        for message in est.warnings:
+            yield Warning(message)
+        yield Metrics(stage, {"mask_quality_mean": float(est.scores.mean()), "masks_flagged": float(est.flagged.sum())})
+        masks = est.masks
+        if config.exclude_bad_masks and est.flagged.any():
+            keep = ~est.flagged
+            yield Warning(f"left out {int(est.flagged.sum())} photo(s) whose mask looks wrong "
+                          "(set cameras.exclude_bad_masks off to keep them)")
+            images, masks, index = images[keep], masks[keep], index[keep]
+            names = [capture.names[i] for i in index]
+    cameras = None if capture.cameras is None else capture.cameras[index]
+    if config.source == "turntable":
+        paths = [Path(capture.source) / n for n in names] if capture.source else []
+        paths = [p for p in paths if p.is_file()]
+        cameras = turntable_from_files(masks, paths, elevation_deg=config.turntable_elevation_deg,
+                                       fov_deg=config.fov_deg)
+        yield Progress(stage, 0.9, f"turntable cameras: {len(names)} views every {360 / len(names):.1f} deg")
+    elif cameras is None or config.source == "estimate":
+        result = yield from _run_in_thread(lambda progress: sfm.estimate_cameras(images, masks, names, progress=progress),
+                                           stage, cancel)
+        for message in result.warnings:
+            yield Warning(message)
+        yield Metrics(stage, {"registered": float(len(result.registered)), "photos": float(result.total),
+                              "reprojection_error_px": result.mean_reprojection_error})
+        images, masks, cameras = result.images, result.masks, result.cameras
+        names = [names[i] for i in result.registered]
+    return Capture(images=images, masks=masks, cameras=cameras, names=names, source=capture.source,
+                   warnings=list(capture.warnings))
 
 
 def reconstruct(
@@ -84,7 +172,10 @@ def reconstruct(
         yield StageStarted("ingest", f"{len(capture)} photos, {capture.resolution[1]}x{capture.resolution[0]} px")
         for message in capture.warnings:
             yield Warning(message)
-        validate_capture(capture)
+        validate_capture(capture, config.cameras.source)
+        if capture.cameras is None or capture.masks is None or config.cameras.source in ("estimate", "turntable"):
+            capture = yield from estimate_missing(capture, config.cameras, cancel)
+            validate_capture(capture)
         fit, held = split_holdout(capture, config.ingest.holdout_every)
         if len(fit) < MIN_VIEWS:
             raise PipelineError(f"holding out every {config.ingest.holdout_every}th view leaves too few to fit")
