@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import events
 from pipeline.cameras import Cameras
+from pipeline.capture import Capture
+from pipeline.config import CamerasConfig
+from pipeline.importers import load_capture
+from pipeline.reconstruct import estimate_missing
 from pipeline.errors import PipelineError
 from pipeline.turntable import focal_35mm_from_exif, focal_pixels, turntable_cameras, turntable_from_files
 
@@ -78,3 +85,20 @@ def test_bad_settings_say_what_to_give():
         turntable_cameras(masks, fov_deg=0.1)
     with pytest.raises(PipelineError, match="empty"):
         turntable_cameras(np.zeros((4, 10, 10)))
+
+
+def test_reconstruct_estimates_masks_and_turntable_cameras_as_events():
+    lego = load_capture(Path(__file__).parent / "fixtures" / "lego_128")
+    photos = Capture(images=lego.images[:8], masks=None, cameras=None, names=lego.names[:8])
+    gen = estimate_missing(photos, CamerasConfig(source="turntable", turntable_elevation_deg=25.0, fov_deg=40.0))
+    collected = []
+    try:
+        while True:
+            collected.append(next(gen))
+    except StopIteration as stop:
+        capture = stop.value
+    assert capture.masks is not None and capture.cameras is not None and len(capture) == 8
+    assert any(isinstance(e, events.Metrics) and "mask_quality_mean" in e.values for e in collected)
+    assert any(isinstance(e, events.Progress) and "turntable" in e.message for e in collected)
+    centres = capture.cameras.centers
+    np.testing.assert_allclose(np.degrees(np.arcsin(centres[:, 2] / np.linalg.norm(centres, axis=1))), 25.0)
