@@ -112,7 +112,9 @@ class _ColourModel:
         self.vars = np.maximum(sq / np.maximum(counts, 1)[:, None], self.VAR_FLOOR)  # [K, 3]
         self.log_w = np.log(np.maximum(counts / counts.sum(), 1e-6))  # [K]
 
-    def log_likelihood(self, x: np.ndarray) -> np.ndarray:  # [P, 3] -> [P]
+    def log_likelihood(self, x: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:  # [P, 3] -> [P]
+        if len(x) > chunk:  # bounded memory for large photos: [chunk, K, 3] at a time
+            return np.concatenate([self.log_likelihood(x[i:i + chunk]) for i in range(0, len(x), chunk)])
         d = (x[:, None, :] - self.means[None]) ** 2 / self.vars[None]  # [P, K, 3]
         per = self.log_w[None] - 0.5 * d.sum(-1) - 0.5 * np.log(self.vars).sum(-1)[None]
         top = per.max(axis=1)
