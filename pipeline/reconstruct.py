@@ -19,7 +19,7 @@ from .capture import Capture
 from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
 from .evaluate import compare_views
-from .events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
+from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .importers import save_cameras_json
 from .normalize import estimate_up, normalize_scene, transform_cameras
@@ -138,6 +138,7 @@ def estimate_missing(capture: Capture, config: CamerasConfig,
                                            stage, cancel)
         for message in result.warnings:
             yield Warning(message)
+        yield Preview(stage, result.preview(0), f"sparse cloud: {len(result.points)} points seen from {names[result.registered[0]]}")
         yield Metrics(stage, {"registered": float(len(result.registered)), "photos": float(result.total),
                               "reprojection_error_px": result.mean_reprojection_error})
         images, masks, cameras = result.images, result.masks, result.cameras

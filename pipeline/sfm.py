@@ -48,6 +48,19 @@ class SfMResult:
     total: int  # photos given
     warnings: List[str] = field(default_factory=list)
 
+    def preview(self, view: int = 0) -> np.ndarray:  # [H, W, 3] uint8
+        """The registered photo ``view`` with the sparse cloud drawn on it (3x3 magenta dots)."""
+        image = np.round(np.clip(self.images[view], 0, 1) * 255).astype(np.uint8)
+        h, w = image.shape[:2]
+        xy, depth = self.cameras[view].project(self.points)
+        cols, rows = np.floor(xy[0]).astype(np.int64).T if len(self.points) else (np.zeros(0, int),) * 2
+        ok = (depth[0] > 0) & (cols >= 1) & (cols < w - 1) & (rows >= 1) & (rows < h - 1)
+        offsets = np.arange(-1, 2)
+        rr = (rows[ok, None, None] + offsets[None, :, None]).repeat(3, axis=2).reshape(-1)
+        cc = (cols[ok, None, None] + offsets[None, None, :]).repeat(3, axis=1).reshape(-1)
+        image[rr, cc] = (255, 0, 255)
+        return image
+
     @property
     def summary(self) -> str:
         return (f"{len(self.registered)} of {self.total} photos placed, mean reprojection error "

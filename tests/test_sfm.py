@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.cameras import Cameras
 from pipeline.errors import PipelineError
 from pipeline.importers import load_capture
-from pipeline.sfm import estimate_cameras, pose_errors
+from pipeline.sfm import SfMResult, estimate_cameras, pose_errors
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lego_sfm_300"
 
@@ -62,3 +63,16 @@ def test_featureless_blurry_photos_fail_with_advice():
                        for a, b, c in rng.uniform(0.3, 1.0, size=(5, 3))])
     with pytest.raises(PipelineError, match="placed only 0 of 5.*turntable"):
         estimate_cameras(images)
+
+
+def test_preview_draws_the_cloud_on_the_photo():
+    k = np.array([[50.0, 0, 32], [0, 50.0, 32], [0, 0, 1]])
+    cams = Cameras(k[None], np.eye(4)[None], np.array([[64, 64]]))
+    points = np.array([[0.0, 0.0, 2.0], [0.0, 0.0, -2.0], [10.0, 0.0, 1.0]])  # seen; behind; outside
+    res = SfMResult(cameras=cams, registered=np.array([0]), images=np.ones((1, 64, 64, 3), np.float32), masks=None,
+                    points=points, point_colors=np.zeros((3, 3), np.uint8), mean_reprojection_error=0.5,
+                    seconds=1.0, total=1)
+    img = res.preview(0)
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    magenta = np.all(img == (255, 0, 255), axis=-1)
+    assert magenta.sum() == 9 and magenta[31:34, 31:34].all()
