@@ -58,8 +58,9 @@ def estimate_masks(images: np.ndarray,  # [N, H, W, 3] float in [0, 1]
             raw, used = _rembg_masks(images, model), "segmenter"
         elif method == "segmenter":
             st = weights_mod.model_status(SEGMENTER_MODEL, weights_dir)
-            raise PipelineError(f"the learned segmenter is not usable: {st.message}. Use the classical masker "
-                                "(mask method 'classical') or install it.")
+            raise PipelineError(f"the learned segmenter is not usable: {st.message}; it also needs the Python "
+                                "packages rembg and onnxruntime. Use the classical masker (mask method "
+                                "'classical') or install them.")
     if raw is None:
         raw = np.stack([_classical_one(img) for img in images])
     masks = np.stack([clean_mask(m) for m in raw]).astype(np.float32)
