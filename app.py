@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -26,16 +27,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("SPACES_ZERO_GPU"):
+        import spaces  # noqa: F401, PLC0415 (ZeroGPU patches torch when imported: before torch loads)
     # Imported after parsing so that --help answers at once (gradio and torch load slowly).
-    from ui.layout import build_demo, close  # noqa: PLC0415
+    from ui.layout import build_app  # noqa: PLC0415
 
-    demo, options = build_demo()
+    app = build_app()
+    # `docker stop` and Spaces send SIGTERM: leave through the same cleanup as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                    allowed_paths=options.allowed_paths, css=options.css, max_file_size=options.max_file_size,
-                    show_error=True)
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
     finally:
-        close(demo)
+        app.close()
     return 0
 
 

@@ -43,13 +43,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app():
-    from ui.layout import build_demo, close
+    from ui.layout import build_app
 
-    demo, options = build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            allowed_paths=options.allowed_paths, css=options.css, max_file_size=options.max_file_size)
-    yield demo, url
-    close(demo)
+    app = build_app()
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield app, url
+    app.close()
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +165,56 @@ def test_host_and_port_come_from_flags_else_gradio_variables(monkeypatch):
     assert (args.host, args.port) == ("0.0.0.0", 7999)
     args = app_module.parse_args(["--host", "127.0.0.1", "--port", "8001"])
     assert (args.host, args.port) == ("127.0.0.1", 8001)
+
+
+def test_settings_follow_the_preset_unless_a_caller_changes_them():
+    from pipeline.config import preset
+    from ui.settings import build_config, preset_values
+
+    page = preset_values("fast")
+    high_texture = preset("high").refine.texture_size
+    assert high_texture != page["refine_texture_size"]
+    # The page shows the preset's values: all of them apply, edits included.
+    shown = {**preset_values("high"), "refine_iterations": 123}
+    config = build_config("high", 7, shown, page, controls_follow_preset=True)
+    assert (config.refine.iterations, config.refine.texture_size, config.refine.seed) == (123, high_texture, 7)
+    # An API caller that asks for "high" and one setting gets the rest from "high", not the page.
+    config = build_config("high", 0, {**page, "refine_iterations": 123}, page, controls_follow_preset=False)
+    assert (config.refine.iterations, config.refine.texture_size) == (123, high_texture)
+
+
+@pytest.mark.parametrize("member, problem", [
+    ("/etc/passwd.png", "outside the archive"),
+    ("capture/../../escape.png", "outside the archive"),
+    ("C:/windows/escape.png", "outside the archive"),
+    ("link.png", "symbolic link"),
+])
+def test_unsafe_zip_members_are_refused(tmp_path, member, problem):
+    from pipeline.errors import PipelineError
+    from ui.uploads import sort_uploads
+
+    archive = tmp_path / "capture.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo(member)
+        if problem == "symbolic link":
+            info.external_attr = (0o120777 << 16)  # S_IFLNK
+        zf.writestr(info, b"/etc/passwd")
+    with pytest.raises(PipelineError, match=problem) as caught:
+        sort_uploads([archive], tmp_path / "unpacked")
+    assert "capture.zip" in str(caught.value)
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
+
+
+def test_zip_bombs_are_refused(tmp_path, monkeypatch):
+    from pipeline.errors import PipelineError
+    from ui import uploads
+
+    monkeypatch.setattr(uploads, "MAX_ZIP_BYTES", 1000)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("photo.png", b"\0" * 5000)  # compresses to a few bytes
+    with pytest.raises(PipelineError, match="GB unpacked"):
+        uploads.sort_uploads([archive], tmp_path / "unpacked")
 
 
 # ------------------------------------------------------------------- bad input
@@ -290,13 +339,13 @@ def test_a_good_job_streams_previews_and_returns_a_textured_glb(client, out_dir)
 
 
 def test_stop_frees_the_job_quickly_and_the_session_folder_goes_with_the_client(app, out_dir):
-    demo, url = app
+    served, url = app
     own = Client(url, verbose=False)
     job = submit(own, lego_files(out_dir), refine_iterations=2000)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not any(isinstance(o[PREVIEW], str) for o in job.outputs()):
         time.sleep(0.2)
-    session = next(s for s in demo.sessions.all() if s.current is not None and s.current.active())
+    session = next(s for s in served.sessions.all() if s.current is not None and s.current.active())
     job.cancel()
     stopped = time.monotonic()
     while session.current.active() and time.monotonic() - stopped < 10:

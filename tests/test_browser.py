@@ -41,13 +41,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url():
-    from ui.layout import build_demo, close
+    from ui.layout import build_app
 
-    demo, options = build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            allowed_paths=options.allowed_paths, css=options.css, max_file_size=options.max_file_size)
+    app = build_app()
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     yield url
-    close(demo)
+    app.close()
 
 
 @pytest.fixture
@@ -77,10 +76,14 @@ def preview_source(page) -> str:
 def drawn(canvas, path: Path, timeout_s: float) -> bool:
     """Whether the canvas shows something (not one flat colour) within ``timeout_s``; the last
     look is saved to ``path``. WebGL on the CPU (SwiftShader) can take a few seconds."""
+    canvas.scroll_into_view_if_needed()
     deadline = time.monotonic() + timeout_s
     while True:
         canvas.screenshot(path=str(path))
-        low, high = Image.open(path).convert("L").getextrema()
+        shot = Image.open(path).convert("L")
+        width, height = shot.size
+        # The middle only: the viewer's label and buttons sit on the canvas's top edge.
+        low, high = shot.crop((width // 10, height // 5, width * 9 // 10, height * 9 // 10)).getextrema()
         if high - low > 40 or time.monotonic() > deadline:
             return high - low > 40
         time.sleep(1)

@@ -147,19 +147,17 @@ class Handlers:
                            metrics=summary(result))
         except PipelineError as error:
             message = _tidy(error, uploads, files)
-            report.stop(f"error: {message}")
+            yield _failed(report, message)
             raise gr.Error(message, title="Cannot reconstruct") from None
-        except gr.Error:
-            raise
         except MemoryError:
-            report.stop("error: out of memory")
+            yield _failed(report, "out of memory")
             raise gr.Error(_OUT_OF_MEMORY, title="Out of memory") from None
         except Exception as error:
             if _is_out_of_gpu_memory(error):
-                report.stop("error: out of GPU memory")
+                yield _failed(report, "out of GPU memory")
                 raise gr.Error(_OUT_OF_MEMORY, title="Out of GPU memory") from None
             log.exception("reconstruction failed")
-            report.stop(f"error: {type(error).__name__}")
+            yield _failed(report, f"{type(error).__name__}: {error}")
             raise gr.Error(f"The reconstruction failed: {type(error).__name__}: {error}. The server log has the "
                            "details; the app keeps running, so you can change the input or settings and run again.",
                            title="Internal error") from None
@@ -178,7 +176,7 @@ class Handlers:
         cancelled by gradio (`cancels=`)."""
         session = self.sessions.peek(request.session_hash)
         run: Optional[Run] = session.current if session is not None else None
-        if run is None or run.report is None:
+        if run is None or run.report is None or run.cancel.is_set():  # no run, or it is over
             return gr.skip(), gr.skip()
         run.cancel.set()
         run.report.stop("stopped")
@@ -193,6 +191,12 @@ def _updates(report: RunReport, **values: Any) -> tuple:
     """One update of the Run outputs: stage table and log always, the rest only when given."""
     values.update(stages=report.stages_html(), log=report.log_text())
     return tuple(values[name] if name in values else gr.skip() for name in RUN_OUTPUTS)
+
+
+def _failed(report: RunReport, message: str) -> tuple:
+    """The last update of a failed run: the stage that was running is marked, the log says why."""
+    report.stop(f"error: {message}")
+    return _updates(report)
 
 
 def _warn(report: RunReport, text: str) -> None:

@@ -1,14 +1,14 @@
 """The page: drop zone and gallery, controls, Run/Stop, live preview and progress, 3D result.
 
-`build_demo()` returns the Blocks and the launch arguments it needs (CSS, allowed paths), so
-app.py and the tests launch the same app.
+`build_app()` returns the Blocks together with what launching and closing them needs (CSS,
+allowed paths, the sessions), so app.py and the tests serve the same app.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -29,7 +29,7 @@ ASSETS = REPO / "assets"
 # stays open for hours keeps only what it can still download): (how often, how old), seconds.
 DELETE_CACHE = (1800, 3 * 3600)
 MAX_QUEUE = 8  # waiting jobs beyond this get gradio's "busy, try again" message
-MAX_FILE_SIZE = "200mb"  # a 50-megapixel PNG; larger photos are downscaled anyway
+MAX_FILE_SIZE = "200mb"  # per file: far above any photo; gradio refuses larger uploads
 
 INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
@@ -40,28 +40,36 @@ photo, and a turntable view. Or click an example below.
 
 
 @dataclass
-class LaunchOptions:
-    """What `Blocks.launch` needs besides host and port."""
+class App:
+    """The page and what serving it needs."""
 
-    allowed_paths: List[str] = field(default_factory=list)
-    css: str = STAGES_CSS
-    max_file_size: str = MAX_FILE_SIZE
+    blocks: gr.Blocks
+    sessions: Sessions
+
+    def launch(self, **kwargs):
+        """`Blocks.launch` with the app's CSS, allowed paths and upload limit; returns its result."""
+        return self.blocks.launch(allowed_paths=[str(ASSETS)], css=STAGES_CSS, max_file_size=MAX_FILE_SIZE, **kwargs)
+
+    def close(self) -> None:
+        """Stop the server and every run, and remove the session folders."""
+        self.blocks.close()
+        self.sessions.close_all()
 
 
-def examples() -> List[list]:
-    """Example rows [files, camera source, preset] for the captures in assets/ that are present."""
+def examples(quality: str) -> List[list]:
+    """Example rows [files, camera source, preset] for the captures in assets/."""
     rows = []
     for folder in sorted(p for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []:
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "LICENSE.md"))
         if files:
-            rows.append([files, "auto", "fast"])
+            rows.append([files, "auto", quality])
     return rows
 
 
-def build_demo(sessions_parent: Optional[Path] = None) -> tuple[gr.Blocks, LaunchOptions]:
+def build_app() -> App:
     devices = DevicePool.detect()
     initial_preset = "balanced" if devices.on_gpu else "fast"  # fast takes minutes on a CPU
-    sessions = Sessions(Path(sessions_parent) if sessions_parent is not None else Path(get_upload_folder()))
+    sessions = Sessions(Path(get_upload_folder()))
     handlers = Handlers(sessions, devices, initial_preset)
     initial = preset(initial_preset)
 
@@ -79,7 +87,7 @@ def build_demo(sessions_parent: Optional[Path] = None) -> tuple[gr.Blocks, Launc
                 # name them; the handlers leave them out with a notice that does.
                 files = gr.File(label="Photos, masks, camera file, or one .zip", file_count="multiple",
                                 height=160, elem_id="uploads")
-                example_rows = examples()
+                example_rows = examples(initial_preset)
                 if example_rows:
                     gr.Examples(example_rows, inputs=[files, camera_source, quality],
                                 label="Examples: click one, then Run",
@@ -142,8 +150,7 @@ def build_demo(sessions_parent: Optional[Path] = None) -> tuple[gr.Blocks, Launc
         demo.unload(handlers.end_session)
 
     demo.queue(max_size=MAX_QUEUE)
-    demo.sessions = sessions  # for the app's shutdown and for tests
-    return demo, LaunchOptions(allowed_paths=[str(ASSETS)])
+    return App(demo, sessions)
 
 
 def _advanced_controls(specs: List[FieldSpec]) -> Dict[str, gr.components.Component]:
@@ -173,9 +180,4 @@ def _example_label(files: List[str]) -> str:
     title = readme.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() if readme.is_file() else folder
     return title
 
-
-def close(demo: gr.Blocks) -> None:
-    """Close the server and remove every session folder."""
-    demo.close()
-    demo.sessions.close_all()
 
