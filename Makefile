@@ -30,7 +30,7 @@ run: setup
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench-cpu: setup
 	$(PY) bench/render_cpu.py

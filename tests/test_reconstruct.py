@@ -48,7 +48,7 @@ def _in_world(glb_path) -> TexturedMesh:
 def lego_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lego")
     capture = load_capture(LEGO)
-    collected, result = _run(capture, _fast(**{"refine.iterations": 150}), out)
+    collected, result = _run(capture, _fast(**{"refine.iterations": 120, "refine.texture_size": 512}), out)
     return collected, result
 
 
@@ -102,7 +102,7 @@ def test_spot_geometry(tmp_path):
     truth = load_textured_mesh(SPOT)
     center = (truth.vertices.max(0) + truth.vertices.min(0)) / 2
     capture = render_capture(truth, orbit_cameras(24, 128, center, 3.5), Rasterizer(backend="torch", device="cpu"))
-    _, result = _run(capture, _fast(**{"refine.iterations": 120}), tmp_path)
+    _, result = _run(capture, _fast(**{"refine.iterations": 100, "refine.texture_size": 512}), tmp_path)
     mesh = _in_world(result.glb_path)
     scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces, samples=50_000)
     print("spot", scores)
