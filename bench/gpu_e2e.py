@@ -32,18 +32,12 @@ sys.path.insert(0, str(REPO))
 from pipeline import events  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
 from pipeline.evaluate import chamfer_fscore, compare_views  # noqa: E402
-from pipeline.export import load_glb  # noqa: E402
+from pipeline.export import load_glb_in_world  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
-from pipeline.mesh import TexturedMesh, render_textured  # noqa: E402
+from pipeline.mesh import render_textured  # noqa: E402
 from pipeline.reconstruct import reconstruct, split_holdout  # noqa: E402
 from pipeline.render import Rasterizer  # noqa: E402
 from pipeline.synthetic import load_textured_mesh, orbit_cameras, render_capture  # noqa: E402
-
-
-def in_world(glb_path: str) -> TexturedMesh:
-    mesh, world_from_model = load_glb(glb_path)
-    vertices = mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]
-    return TexturedMesh(vertices.astype(np.float32), mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)
 
 
 def run_pipeline(capture, config, out_dir: Path) -> tuple[events.Result, dict]:
@@ -94,7 +88,7 @@ def bench_lego(data: Path, config, out: Path) -> dict:
     e2e = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
     r = Rasterizer(device="cuda")
-    means, _ = compare_views(in_world(result.glb_path), held.cameras, held.images, held.masks, held.names, r, ssim=True)
+    means, _ = compare_views(load_glb_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names, r, ssim=True)
     refine = config.refine
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
     height = min(refine.render_resolution, capture.resolution[0])
@@ -119,7 +113,7 @@ def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
     start = time.perf_counter()
     result, _ = run_pipeline(capture, config, out / name)
     seconds = time.perf_counter() - start
-    mesh = in_world(result.glb_path)
+    mesh = load_glb_in_world(result.glb_path)
     scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces)
     return {"views": 48, "resolution": 512, "e2e_seconds": seconds, "train_psnr": result.metrics.get("train_psnr"),
             "chamfer_l1_pct_diag": scores["chamfer_l1_pct_diag"], "fscore_1pct": scores["fscore_1pct"],

@@ -85,13 +85,10 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from .evaluate import chamfer_fscore, compare_views  # noqa: PLC0415
-    from .export import load_glb  # noqa: PLC0415
-    from .mesh import TexturedMesh  # noqa: PLC0415
+    from .export import load_glb_in_world  # noqa: PLC0415
     from .render import Rasterizer  # noqa: PLC0415
 
-    mesh, world_from_model = load_glb(args.glb)
-    world = TexturedMesh((mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]).astype(np.float32),
-                         mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)
+    world = load_glb_in_world(args.glb)
     capture = load_capture(_source(args.input), split=args.split)
     if capture.cameras is None or capture.masks is None:
         raise PipelineError(f"{args.input[0]} has no cameras or masks to compare against")

@@ -602,3 +602,10 @@ def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB
     faces = np.asarray(loaded.faces, dtype=np.int32)
     mesh = TexturedMesh(np.asarray(loaded.vertices, dtype=np.float32), faces, uv, faces.copy(), texture)
     return mesh, world_from_model
+
+
+def load_glb_in_world(path: PathLike) -> TexturedMesh:
+    """A GLB written by `write_glb`, with its vertices mapped back to the input cameras' world frame."""
+    mesh, world_from_model = load_glb(path)
+    vertices = mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]
+    return TexturedMesh(vertices.astype(np.float32), mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -27,3 +28,17 @@ def _validate_glb(path) -> dict:
 def validate_glb():
     """``validate_glb(path) -> dict``: the validator's report; fails (never skips) when it cannot run."""
     return _validate_glb
+
+
+@pytest.fixture(scope="module")
+def launched_app():
+    """The Gradio app served on a free local port for one test module: (Blocks, url)."""
+    from ui.layout import build_app  # noqa: PLC0415 (gradio is only needed by the app tests)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app()
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield app, url
+    app.close()

@@ -8,7 +8,6 @@ keeps serving. Outputs land in tests/_out/app/.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,25 +34,9 @@ RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_vie
 PREVIEW, LOG = RUN_OUTPUTS.index("preview"), RUN_OUTPUTS.index("log")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app():
-    from ui.layout import build_app
-
-    app = build_app()
-    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield app, url
-    app.close()
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    c = Client(app[1], verbose=False)
+def client(launched_app):
+    c = Client(launched_app[1], verbose=False)
     yield c
     c.close()
 
@@ -338,8 +321,8 @@ def test_a_good_job_streams_previews_and_returns_a_textured_glb(client, out_dir)
     assert Path(result[RUN_OUTPUTS.index("glb")]).name.startswith("model-")
 
 
-def test_stop_frees_the_job_quickly_and_the_session_folder_goes_with_the_client(app, out_dir):
-    served, url = app
+def test_stop_frees_the_job_quickly_and_the_session_folder_goes_with_the_client(launched_app, out_dir):
+    served, url = launched_app
     own = Client(url, verbose=False)
     job = submit(own, lego_files(out_dir), refine_iterations=2000)
     deadline = time.monotonic() + 180

@@ -8,7 +8,6 @@ download go to tests/_out/browser/.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,20 +32,9 @@ SMALL = {"Iterations": 30, "Texture size": 256, "Mesh faces": 5000, "Target face
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: run `bash .ci/install-test-tools` as root")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url():
-    from ui.layout import build_app
-
-    app = build_app()
-    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
-    app.close()
+def app_url(launched_app):
+    return launched_app[1]
 
 
 @pytest.fixture

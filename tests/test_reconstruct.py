@@ -14,9 +14,8 @@ from pipeline.capture import Capture
 from pipeline.config import apply_overrides, preset
 from pipeline.errors import PipelineError
 from pipeline.evaluate import chamfer_fscore, compare_views
-from pipeline.export import load_glb
+from pipeline.export import load_glb_in_world
 from pipeline.importers import load_capture
-from pipeline.mesh import TexturedMesh
 from pipeline.reconstruct import reconstruct
 from pipeline.render import Rasterizer
 from pipeline.synthetic import load_textured_mesh, orbit_cameras, render_capture
@@ -38,12 +37,6 @@ def _run(capture, config, out_dir, **kwargs):
     return collected, (results[0] if results else None)
 
 
-def _in_world(glb_path) -> TexturedMesh:
-    mesh, world_from_model = load_glb(glb_path)
-    vertices = mesh.vertices @ world_from_model[:3, :3].T + world_from_model[:3, 3]
-    return TexturedMesh(vertices.astype(np.float32), mesh.faces, mesh.uvs, mesh.faces_uv, mesh.texture)
-
-
 @pytest.fixture(scope="module")
 def lego_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lego")
@@ -57,7 +50,7 @@ def test_lego_heldout_quality(lego_run):
     assert result is not None
     held = load_capture(LEGO, split="test")
     assert len(held) == 8
-    means, per_view = compare_views(_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names,
+    means, per_view = compare_views(load_glb_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names,
                                     Rasterizer(backend="torch", device="cpu"))
     print("lego held-out", means)
     assert means["mask_iou"] >= 0.90
@@ -103,7 +96,7 @@ def test_spot_geometry(tmp_path):
     center = (truth.vertices.max(0) + truth.vertices.min(0)) / 2
     capture = render_capture(truth, orbit_cameras(24, 128, center, 3.5), Rasterizer(backend="torch", device="cpu"))
     _, result = _run(capture, _fast(**{"refine.iterations": 100, "refine.texture_size": 512}), tmp_path)
-    mesh = _in_world(result.glb_path)
+    mesh = load_glb_in_world(result.glb_path)
     scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces, samples=50_000)
     print("spot", scores)
     assert scores["chamfer_l1_pct_diag"] <= 1.0
@@ -169,7 +162,7 @@ def test_cli_reconstruct_and_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "train_psnr" in proc.stdout and "refine" in proc.stderr
     assert out.exists() and (tmp_path / "lego_obj.zip").exists() and (tmp_path / "lego_cameras.json").exists()
-    world = _in_world(out)
+    world = load_glb_in_world(out)
     truth = tmp_path / "same_surface.ply"  # the model itself in the world frame: Chamfer must be ~0
     trimesh.Trimesh(world.vertices, world.faces, process=False).export(truth)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "eval", str(out), str(LEGO), "--json", "--gt", str(truth)],
