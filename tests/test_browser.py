@@ -77,6 +77,17 @@ def drawn(canvas, path: Path, timeout_s: float) -> bool:
         time.sleep(1)
 
 
+def set_fields(page, values: dict) -> None:
+    """Type into the Advanced number fields (the accordion open) and check they took."""
+    for label, value in values.items():
+        field = page.get_by_label(f"number input for {label}")
+        field.wait_for(state="visible")
+        field.fill(str(value))
+        field.blur()
+    for label, value in values.items():
+        playwright.expect(page.get_by_label(f"number input for {label}")).to_have_value(str(value))
+
+
 def wait_for_log(page, text: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -92,26 +103,26 @@ def test_upload_run_stop_run_preview_viewer_and_download(page):
     page.locator("#uploads input[type=file]").set_input_files([str(f) for f in files])
     page.locator("#upload-summary").get_by_text("24 photo(s)").wait_for()
 
-    # Run with the page's settings, then Stop once the refinement shows: the page must say so at
-    # once, and the next Run must work.
+    # Small settings, then Run; while it runs, lower the iterations for the next run. Stop once
+    # the refinement shows: the page must say so at once, and a Run clicked right after "stopped"
+    # must start (a click while gradio was still cancelling the job used to be dropped silently).
+    page.locator("#advanced button").first.click()
+    set_fields(page, {label: value for label, value in SMALL.items() if label != "Iterations"})
     page.locator("#run").click()
     page.locator("#preview").scroll_into_view_if_needed()
     deadline = time.monotonic() + 180
     while not preview_source(page) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert preview_source(page), "no preview within 180 s"
+    set_fields(page, {"Iterations": SMALL["Iterations"]})
     page.locator("#stop").click()
-    wait_for_log(page, "stopped", timeout_s=2)
-
-    page.locator("#advanced button").first.click()
-    for label, value in SMALL.items():
-        field = page.get_by_label(f"number input for {label}")
-        field.wait_for(state="visible")
-        field.fill(str(value))
-        field.blur()
-    for label, value in SMALL.items():
-        playwright.expect(page.get_by_label(f"number input for {label}")).to_have_value(str(value))
+    wait_for_log(page, "stopping", timeout_s=2)
+    wait_for_log(page, "stopped", timeout_s=10)
     page.locator("#run").click()
+    deadline = time.monotonic() + 10
+    while "stopped" in page.locator("#log textarea").input_value():  # a new run starts a new log
+        assert time.monotonic() < deadline, "the Run clicked after Stop did not start"
+        time.sleep(0.1)
     # The browser loads the preview image only while it is on screen (lazy loading).
     page.locator("#preview").scroll_into_view_if_needed()
     wait_for_log(page, "Refine:", timeout_s=180)

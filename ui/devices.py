@@ -98,6 +98,7 @@ def pipeline_runner() -> Callable:
 
 
 _FINISHED = object()
+_WAKE = object()  # put by `interrupt`: the handler yields at once instead of at the next beat
 
 
 class PipelineWorker:
@@ -129,6 +130,11 @@ class PipelineWorker:
         finally:
             self._events.put(_FINISHED)
 
+    def interrupt(self) -> None:
+        """Wake `batches` now (after Stop), so the handler returns within milliseconds rather
+        than a beat: gradio's cancel of the job waits for the handler's current step."""
+        self._events.put(_WAKE)
+
     def batches(self, beat_s: float) -> Iterator[list]:
         """Lists of pipeline events, one at least every ``beat_s`` seconds (empty when there was
         nothing new), until the pipeline finishes; re-raises its exception."""
@@ -140,9 +146,10 @@ class PipelineWorker:
                 continue
             while not self._events.empty():
                 batch.append(self._events.get_nowait())
-            events = [item for item in batch if item is not _FINISHED and not isinstance(item, Exception)]
+            events = [item for item in batch
+                      if item is not _FINISHED and item is not _WAKE and not isinstance(item, Exception)]
             errors = [item for item in batch if isinstance(item, Exception)]
-            if events:
+            if events or _WAKE in batch:
                 yield events
             if errors:
                 raise errors[0]

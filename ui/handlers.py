@@ -105,7 +105,7 @@ class Handlers:
                 previous.cancel.set()
                 report.note("waiting for the previous run to stop")
                 while previous.active():
-                    previous.worker.join(BEAT_S)
+                    previous.join(BEAT_S)
                     yield _updates(report)
 
             uploads = sort_uploads(files, run.folder / "uploads")
@@ -122,7 +122,7 @@ class Handlers:
 
             worker = PipelineWorker(self.run_pipeline, self.devices, capture, config, run.folder,
                                     cancel=run.cancel.is_set, name=f"model-{run.number:03d}")
-            run.worker = worker.thread
+            run.pipeline = worker
             worker.start()
             result = None
             for batch in worker.batches(BEAT_S):
@@ -135,8 +135,10 @@ class Handlers:
                     warning = report.apply(event)
                     if warning is not None:
                         gr.Warning(uploads.tidy(warning))
-                if run.cancel.is_set():
+                if run.cancel.is_set():  # Stop: return now; the next run waits for the pipeline to let go
                     report.stop("stopped")
+                    yield _updates(report, **fresh)
+                    return
                 yield _updates(report, **fresh)
             if result is None:  # stopped before the end: the pipeline said so in a Warning
                 report.stop("stopped")
@@ -172,15 +174,29 @@ class Handlers:
         return glb_path
 
     def stop(self, request: gr.Request):
-        """(stages, log) after asking the session's run to stop; the Run event itself is
-        cancelled by gradio (`cancels=`)."""
+        """(stages, log) after asking the session's run to stop. Gradio cancels the Run event
+        itself (`cancels=`); the page's Run button takes a click again once that is done, and
+        `run_ended` then shows "stopped"."""
+        run = self._current_run(request)
+        if run is None or run.cancel.is_set():  # no run, or it is over
+            return gr.skip(), gr.skip()
+        run.stop()
+        run.report.note("stopping")
+        return run.report.stages_html(), run.report.log_text()
+
+    def run_ended(self, request: gr.Request):
+        """(stages, log) once the page is done with a Run event: finished, failed or cancelled."""
+        run = self._current_run(request)
+        if run is None:
+            return gr.skip(), gr.skip()
+        if run.cancel.is_set() and run.report.outcome is None:  # gradio cancelled the handler
+            run.report.stop("stopped")
+        return run.report.stages_html(), run.report.log_text()
+
+    def _current_run(self, request: gr.Request) -> Optional[Run]:
         session = self.sessions.peek(request.session_hash)
         run: Optional[Run] = session.current if session is not None else None
-        if run is None or run.report is None or run.cancel.is_set():  # no run, or it is over
-            return gr.skip(), gr.skip()
-        run.cancel.set()
-        run.report.stop("stopped")
-        return run.report.stages_html(), run.report.log_text()
+        return run if run is not None and run.report is not None else None
 
 
 _OUT_OF_MEMORY = ("Out of memory. Lower 'Max image side', 'Texture size', 'Mesh faces' or 'Render resolution' "

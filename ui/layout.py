@@ -145,6 +145,9 @@ def build_app() -> App:
         # The viewer gets the GLB in an event of its own: gradio 6.31's Model3D never draws a model
         # that arrives in a later message of a streaming event (its viewer import gets cancelled).
         run_event.success(handlers.show_model, inputs=glb, outputs=model, api_visibility="private")
+        # Also after a cancel: the page runs a Run event's `then` once gradio has cancelled it, and
+        # only from then on does the Run button take a click ("stopped" in the log says when).
+        run_event.then(handlers.run_ended, outputs=[stages, run_log], queue=False, api_visibility="private")
         stop_button.click(handlers.stop, outputs=[stages, run_log], cancels=[run_event], queue=False,
                           api_visibility="private")
         demo.unload(handlers.end_session)

@@ -51,6 +51,7 @@ class RunReport:
         self.stages: Dict[str, StageState] = {stage: StageState() for stage in STAGES}
         self.lines: List[str] = []
         self._notices_seen: set[str] = set()
+        self.outcome: Optional[str] = None  # "finished", "stopped" or "error: ..." once known
 
     def note(self, text: str) -> None:
         self.lines.append(f"{time.monotonic() - self.started:6.1f}s  {text}")
@@ -84,6 +85,7 @@ class RunReport:
         elif isinstance(event, Result):
             summary = ", ".join(f"{k} {v:.3f}" for k, v in sorted(event.metrics.items()))
             self.note(f"Finished in {event.timings.get('total', 0.0):.1f} s: {summary}")
+            self.outcome = "finished"
         return None
 
     def _metrics(self, event: Metrics) -> None:
@@ -96,6 +98,7 @@ class RunReport:
 
     def stop(self, why: str) -> None:
         """Mark the running stage as stopped (Stop, cancel, or an error); idempotent."""
+        self.outcome = self.outcome or why
         for stage in self.stages.values():
             if stage.state == "running":
                 stage.state = "stopped" if why == "stopped" else "failed"

@@ -14,21 +14,34 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from ui.devices import PipelineWorker
 
 
 @dataclass
 class Run:
-    """One reconstruction: its cancel flag, polled by the pipeline, and the thread that runs it."""
+    """One reconstruction: its cancel flag, polled by the pipeline, and the worker that runs it."""
 
     number: int
     folder: Path
     cancel: threading.Event = field(default_factory=threading.Event)
-    worker: Optional[threading.Thread] = None
+    pipeline: Optional["PipelineWorker"] = None
     report: Optional[object] = None  # ui.report.RunReport, so Stop can show what was done
 
     def active(self) -> bool:
-        return self.worker is not None and self.worker.is_alive()
+        return self.pipeline is not None and self.pipeline.thread.is_alive()
+
+    def stop(self) -> None:
+        """Ask the pipeline to stop and wake the handler that streams it."""
+        self.cancel.set()
+        if self.pipeline is not None:
+            self.pipeline.interrupt()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self.pipeline is not None:
+            self.pipeline.thread.join(timeout)
 
 
 @dataclass
@@ -88,7 +101,7 @@ class Sessions:
             run.cancel.set()
         deadline = time.monotonic() + wait_s
         for run in runs:
-            run.worker.join(max(0.0, deadline - time.monotonic()))
+            run.join(max(0.0, deadline - time.monotonic()))
         shutil.rmtree(self.root, ignore_errors=True)
 
     def all(self) -> List[Session]:
@@ -109,7 +122,7 @@ def _remove_when_done(session: Session) -> None:
 
     def remove_after_run() -> None:
         # The pipeline still writes into the folder until it sees the cancel flag.
-        run.worker.join()
+        run.join()
         shutil.rmtree(session.folder, ignore_errors=True)
 
     threading.Thread(target=remove_after_run, name="photo3d-session-cleanup", daemon=True).start()
