@@ -17,12 +17,13 @@ from pipeline.capture import Capture
 from pipeline.errors import PipelineError
 from pipeline.events import Preview, Result
 from pipeline.importers import detect_format, load_capture
+from pipeline.limits import InputLimits
 
 from .devices import DevicePool, PipelineWorker, pipeline_runner
 from .report import PER_VIEW_HEADERS, RunReport, gallery_items, per_view_rows, summary
 from .session import Run, Sessions
 from .settings import build_config, preset_values
-from .uploads import CAMERA_FILE_HELP, Uploads, sort_uploads
+from .uploads import CAMERA_FILE_HELP, Uploads, check_uploads, sort_uploads
 
 log = logging.getLogger("photo3d.app")
 
@@ -43,9 +44,10 @@ _FORMAT_NAMES = {
 
 
 class Handlers:
-    def __init__(self, sessions: Sessions, devices: DevicePool, initial_preset: str):
+    def __init__(self, sessions: Sessions, devices: DevicePool, initial_preset: str, limits: InputLimits):
         self.sessions = sessions
         self.devices = devices
+        self.limits = limits
         self.initial_values = preset_values(initial_preset)
         self.run_pipeline = pipeline_runner()
 
@@ -74,7 +76,7 @@ class Handlers:
             return [], ""
         session = self.sessions.get(request.session_hash)
         try:
-            uploads = sort_uploads(files, session.folder / "dropped")
+            uploads = sort_uploads(files, session.folder / "dropped", self.limits)
             kind = detect_format(uploads.source)
         except PipelineError as error:
             message = _tidy(error, None, files)
@@ -87,6 +89,19 @@ class Handlers:
         return [(str(p), p.name) for p in uploads.photos], "\n\n".join(lines)
 
     # ------------------------------------------------------------------- run
+    def check_request(self, files: Optional[List[str]], *others: Any, **settings: Any) -> list:
+        """Gradio's validator of the Run event: runs when a job is submitted, before it queues, so a
+        bad upload is answered at once (file sizes, first bytes, archive directory; nothing decoded).
+        One verdict per input, the uploads' first."""
+        try:
+            check_uploads(files, self.limits)
+            verdict = gr.validate(True, "")
+        except PipelineError as error:
+            verdict = gr.validate(False, _tidy(error, None, files))
+        except OSError as error:  # an upload vanished or cannot be read: the run would say the same
+            verdict = gr.validate(False, f"Cannot read the uploads ({error}). Upload them again.")
+        return [verdict] + [gr.validate(True, "")] * (len(others) + len(settings))
+
     def reconstruct(self, files: Optional[List[str]], camera_source: str = "auto", quality: str = "fast",
                     seed: float = 0, opened_in_browser: bool = False, request: gr.Request = None,
                     **settings: Any) -> Iterator[tuple]:
@@ -108,12 +123,12 @@ class Handlers:
                     previous.join(BEAT_S)
                     yield _updates(report)
 
-            uploads = sort_uploads(files, run.folder / "uploads")
+            uploads = sort_uploads(files, run.folder / "uploads", self.limits)
             for text in uploads.notices:
                 _warn(report, text)
             report.note(f"reading {len(uploads.photos)} photo(s)")
             yield _updates(report)
-            capture = load_capture(uploads.source, max_side=config.ingest.max_image_side)
+            capture = load_capture(uploads.source, max_side=config.ingest.max_image_side, limits=self.limits)
             for text in capture.warnings:
                 _warn(report, uploads.tidy(text))
             _check_cameras(camera_source, capture)

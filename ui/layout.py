@@ -14,6 +14,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from pipeline.config import PRESETS, FieldSpec, preset
+from pipeline.limits import DEFAULT_LIMITS, InputLimits
 from pipeline.weights import TABLE_HEADERS
 
 from .devices import DevicePool
@@ -28,8 +29,7 @@ ASSETS = REPO / "assets"
 # Uploaded files older than this are removed (results are written per run, so a session that
 # stays open for hours keeps only what it can still download): (how often, how old), seconds.
 DELETE_CACHE = (1800, 3 * 3600)
-MAX_QUEUE = 8  # waiting jobs beyond this get gradio's "busy, try again" message
-MAX_FILE_SIZE = "200mb"  # per file: far above any photo; gradio refuses larger uploads
+MAX_QUEUE = 16  # waiting jobs beyond this get gradio's "busy, try again" message
 
 INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
@@ -45,10 +45,13 @@ class App:
 
     blocks: gr.Blocks
     sessions: Sessions
+    limits: InputLimits
 
     def launch(self, **kwargs):
         """`Blocks.launch` with the app's CSS, allowed paths and upload limit; returns its result."""
-        return self.blocks.launch(allowed_paths=[str(ASSETS)], css=STAGES_CSS, max_file_size=MAX_FILE_SIZE, **kwargs)
+        # Gradio refuses any file above this before it is stored: a .zip may hold the whole upload.
+        return self.blocks.launch(allowed_paths=[str(ASSETS)], css=STAGES_CSS,
+                                  max_file_size=self.limits.max_total_bytes, **kwargs)
 
     def close(self) -> None:
         """Stop the server and every run, and remove the session folders."""
@@ -66,11 +69,11 @@ def examples(quality: str) -> List[list]:
     return rows
 
 
-def build_app() -> App:
+def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
     devices = DevicePool.detect()
     initial_preset = "balanced" if devices.on_gpu else "fast"  # fast takes minutes on a CPU
     sessions = Sessions(Path(get_upload_folder()))
-    handlers = Handlers(sessions, devices, initial_preset)
+    handlers = Handlers(sessions, devices, initial_preset, limits)
     initial = preset(initial_preset)
 
     with gr.Blocks(title="Photos to 3D", delete_cache=DELETE_CACHE) as demo:
@@ -141,6 +144,7 @@ def build_app() -> App:
             concurrency_limit=devices.size,
             concurrency_id="gpu",
             show_progress="minimal",
+            validator=handlers.check_request,
         )
         # The viewer gets the GLB in an event of its own: gradio 6.31's Model3D never draws a model
         # that arrives in a later message of a streaming event (its viewer import gets cancelled).
@@ -153,7 +157,7 @@ def build_app() -> App:
         demo.unload(handlers.end_session)
 
     demo.queue(max_size=MAX_QUEUE)
-    return App(demo, sessions)
+    return App(demo, sessions, limits)
 
 
 def _advanced_controls(specs: List[FieldSpec]) -> Dict[str, gr.components.Component]:

@@ -2,8 +2,10 @@
 
 The drop zone delivers each file in its own temporary folder, under its original name. Loose
 files go to the loader as a list (it matches photos, masks and camera files by name); one .zip of
-a capture folder is unpacked, safely, and read as a folder. Files the loader would not use are
-left out with a notice rather than failing the run.
+a capture folder is unpacked, safely, and read as a folder. Files the loader would not use, and
+files named like photos whose content is not one, are left out with a notice rather than failing
+the run. `check_uploads` applies the `InputLimits` from file sizes and the archive's directory
+alone, so a bad upload is refused before it waits for the GPU or anything is unpacked.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Dict, List, Optional, Sequence, Union
 
 from pipeline.errors import PipelineError
+from pipeline.importers.pixels import FORMATS as PHOTO_FORMATS
 from pipeline.importers.sources import MASK_FOLDERS, is_image, is_mask
+from pipeline.limits import DEFAULT_LIMITS, MiB, InputLimits, describe, sniff
 
-# An unpacked capture is photos plus small text files; anything beyond these limits is not one
-# (or is a zip bomb), and refusing it keeps one upload from filling the server's disk.
-MAX_ZIP_MEMBERS = 5000
-MAX_ZIP_BYTES = 2 * 1024**3
 _COPY_CHUNK = 1024 * 1024
+# Members smaller than this may compress better than `max_compression_ratio` (a flat mask PNG
+# inside a zip, a short text file): only the archive as a whole is held to the ratio then.
+_RATIO_FLOOR_BYTES = 1 * MiB
 
 CAMERA_FILE_HELP = (
     "transforms.json / transforms_train.json, cameras.json, poses_bounds.npy, or a COLMAP model "
@@ -58,11 +61,9 @@ def is_camera_file(path: Path) -> bool:
     return bool(_CAMERA_FILE_NAME.match(path.name))
 
 
-def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path) -> Uploads:
-    """Sort the uploaded ``files`` into a capture source; a .zip is unpacked under ``workdir``.
-
-    Raises PipelineError when there is nothing to use, or for a bad or unsafe zip.
-    """
+def check_uploads(files: Optional[Sequence[Union[str, Path]]], limits: InputLimits = DEFAULT_LIMITS) -> None:
+    """Refuse, with a PipelineError that says what to do, uploads beyond ``limits`` or that cannot
+    be one capture; reads only file sizes, first bytes and an archive's directory."""
     paths = [Path(f) for f in (files or [])]
     if not paths:
         raise PipelineError("No files uploaded: drop the photos (and masks and camera file) or one .zip of the capture folder.")
@@ -72,19 +73,42 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path) -> 
             f"{zips[0].name} came with {len(paths) - 1} other file(s): upload either one .zip of the capture "
             "folder or the loose photos, masks and camera file, not both."
         )
+    limits.check_count(len(paths), "The upload")
+    total = 0
+    for path in paths:
+        size = path.stat().st_size
+        limits.check_bytes(path, size, camera_file=is_camera_file(path))
+        total += size
+    limits.check_total(total, "The upload")
     if zips:
-        return _unpacked(zips[0], workdir)
+        with _open_zip(zips[0]) as zf:
+            _safe_members(zf, zips[0], limits)
+
+
+def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
+                 limits: InputLimits = DEFAULT_LIMITS) -> Uploads:
+    """Sort the uploaded ``files`` into a capture source; a .zip is unpacked under ``workdir``.
+
+    Raises PipelineError when there is nothing to use, beyond ``limits``, or for a bad or unsafe zip.
+    """
+    check_uploads(files, limits)
+    paths = [Path(f) for f in files]
+    if paths[0].suffix.lower() == ".zip":
+        return _unpacked(paths[0], workdir, limits)
 
     kept, notices = [], []
     for path in paths:
-        if is_image(path) or is_camera_file(path):
+        if is_image(path):
+            if _is_photo(path, notices):
+                kept.append(path)
+        elif is_camera_file(path):
             kept.append(path)
         elif path.suffix.lower() in (".json", ".npy", ".bin", ".txt"):
             notices.append(f"{path.name}: not a camera file name the app knows, so it was left out. "
                            f"If it holds the cameras, rename it: {CAMERA_FILE_HELP}.")
         else:
             notices.append(f"{path.name}: not a photo (JPEG, PNG or WebP), mask, camera file or .zip; left out.")
-    if not kept:
+    if not any(is_image(p) for p in kept):
         raise PipelineError(f"None of the uploaded files is a photo: {', '.join(p.name for p in paths[:5])}. "
                             "Upload JPEG, PNG or WebP photos of the object (at least 3).")
     photos = sorted((p for p in kept if is_image(p) and not is_mask(p)), key=lambda p: p.name)
@@ -92,19 +116,40 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path) -> 
     return Uploads(source=kept, photos=photos, notices=notices, shown_as=shown_as)
 
 
-def _unpacked(archive: Path, workdir: Path) -> Uploads:
+def _is_photo(path: Path, notices: List[str], shown: Optional[str] = None) -> bool:
+    """Whether a file named like a photo holds one (by content); a notice says why not."""
+    if sniff(path) in PHOTO_FORMATS:
+        return True
+    notices.append(f"{shown or path.name}: named like a photo, but its content is {describe(path)}; left out.")
+    return False
+
+
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    if sniff(archive) != "zip":
+        raise PipelineError(f"{archive.name}: not a zip archive (its content is {describe(archive)}). "
+                            "Zip the capture folder again, or upload the photos themselves.")
+    try:
+        return zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as e:
+        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again.") from None
+
+
+def _unpacked(archive: Path, workdir: Path, limits: InputLimits) -> Uploads:
     target = workdir / archive.stem
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     try:
-        with zipfile.ZipFile(archive) as zf:
-            members = _safe_members(zf, archive.name)
-            for info, parts in members:
+        with _open_zip(archive) as zf:
+            for info, parts in _safe_members(zf, archive, limits):
                 _extract(zf, info, target.joinpath(*parts), archive.name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as e:
         raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again.") from None
     root = _single_folder(target)
+    notices: List[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image(p)):
+        if not _is_photo(path, notices, shown=f"{archive.name}: {path.relative_to(target).as_posix()}"):
+            path.unlink()
     photos = sorted(
         (p for p in root.rglob("*") if p.is_file() and is_image(p) and not is_mask(p)
          and not _in_mask_folder(p, root)),
@@ -112,11 +157,14 @@ def _unpacked(archive: Path, workdir: Path) -> Uploads:
     )
     if not photos:
         raise PipelineError(f"{archive.name} holds no photos (JPEG, PNG or WebP). Zip the folder that holds them.")
-    return Uploads(source=root, photos=photos, shown_as={str(root): archive.name, str(archive): archive.name})
+    return Uploads(source=root, photos=photos, notices=notices,
+                   shown_as={str(root): archive.name, str(archive): archive.name})
 
 
-def _safe_members(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
-    """(member, path parts) to extract; refuses members that could land outside the target folder."""
+def _safe_members(zf: zipfile.ZipFile, archive: Path, limits: InputLimits) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """(member, path parts) to extract; refuses members that could land outside the target folder,
+    links, and archives beyond ``limits`` (count, unpacked bytes, compression ratio: zip bombs)."""
+    label = archive.name
     members, total = [], 0
     for info in zf.infolist():
         name = info.filename.replace("\\", "/")
@@ -129,11 +177,19 @@ def _safe_members(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo
         if stat.S_ISLNK(info.external_attr >> 16):
             raise PipelineError(f"{label}: member '{info.filename}' is a symbolic link; links are not accepted. "
                                 "Zip the files themselves.")
+        if info.file_size > _RATIO_FLOOR_BYTES and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1):
+            raise PipelineError(f"{label}: member '{info.filename}' unpacks {info.file_size / max(info.compress_size, 1):.0f} "
+                                f"times larger than it is packed (more than {limits.max_compression_ratio:.0f}); photos do "
+                                "not compress like that, so this is refused as a zip bomb.")
+        limits.check_bytes(Path(name), info.file_size, camera_file=is_camera_file(Path(name)))
         total += info.file_size
         members.append((info, parts))
-        if len(members) > MAX_ZIP_MEMBERS or total > MAX_ZIP_BYTES:
-            raise PipelineError(f"{label}: more than {MAX_ZIP_MEMBERS} files or {MAX_ZIP_BYTES // 1024**3} GB unpacked; "
-                                "that is not one capture. Zip only the photos, masks and camera file.")
+        limits.check_count(len(members), label)
+        limits.check_total(total, f"{label} unpacked")
+    if total > _RATIO_FLOOR_BYTES and total > limits.max_compression_ratio * max(archive.stat().st_size, 1):
+        raise PipelineError(f"{label}: unpacks to {total / max(archive.stat().st_size, 1):.0f} times its size (more than "
+                            f"{limits.max_compression_ratio:.0f}); photos do not compress like that, so this is refused "
+                            "as a zip bomb.")
     return members
 
 

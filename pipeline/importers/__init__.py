@@ -24,6 +24,7 @@ from typing import Optional
 
 from ..capture import Capture
 from ..errors import PipelineError
+from ..limits import DEFAULT_LIMITS, InputLimits
 from .assemble import Frame, build_capture
 from .formats import (
     CAMERAS_JSON_FORMAT,
@@ -68,12 +69,14 @@ def detect_format(source: SourceLike, split: str = "train") -> str:
     return found[0][0] if found else "images"
 
 
-def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str = "train") -> Capture:
+def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str = "train",
+                 limits: InputLimits = DEFAULT_LIMITS) -> Capture:
     """Read a capture from a folder, a camera file, or a list of files (see the module docstring).
 
     ``max_side``: downscale so the longer image side is at most this (intrinsics follow; a warning says
     so). ``split``: which NeRF ``transforms_<split>.json`` to read ("train", "test", "val"); other
-    formats have only the one split, "train". Raises `PipelineError` naming the file and the fix.
+    formats have only the one split, "train". ``limits``: counts, bytes and pixels refused before
+    anything is decoded. Raises `PipelineError` naming the file and the fix.
     """
     if max_side is not None and max_side < 1:
         raise PipelineError(f"max_side={max_side}: the longest image side must be at least 1 pixel.")
@@ -98,9 +101,11 @@ def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str 
                 "Put the photos in this folder or in images/."
             )
         frames = [Frame(image=p, name=src.name_of(p), mask=src.mask_for(p)) for p in images]
-        return build_capture(frames, None, src.label, max_side, warnings)
+        return build_capture(frames, None, src.label, max_side, warnings, limits)
 
     kind, where = found[0]
+    for path in where.values() if isinstance(where, dict) else [where]:
+        limits.check_bytes(path, path.stat().st_size, camera_file=True)
     if kind == "cameras.json":
         camera_file, frames = where, read_cameras_json(where, src, warnings)
     elif kind == "transforms":
@@ -112,4 +117,4 @@ def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str 
         camera_file, frames = where["images"], read_colmap(where, images_dir, src, warnings)
     else:
         camera_file, frames = where, read_llff(where, src)
-    return build_capture(frames, camera_file, src.label, max_side, warnings)
+    return build_capture(frames, camera_file, src.label, max_side, warnings, limits)

@@ -12,6 +12,7 @@ import numpy as np
 from ..cameras import Cameras
 from ..capture import Capture
 from ..errors import PipelineError
+from ..limits import InputLimits, describe, sniff
 from . import pixels
 
 MIN_VIEWS = 3
@@ -125,6 +126,26 @@ def _limit(size: tuple[int, int], max_side: Optional[int], warnings: list[str]) 
     return out
 
 
+def _check_file(path: Path, limits: InputLimits, exif: bool) -> int:
+    """Bytes of photo or mask ``path`` after checking its size, its content and its header's pixel count."""
+    size = path.stat().st_size
+    limits.check_bytes(path, size)
+    if sniff(path) not in pixels.FORMATS:
+        raise PipelineError(f"{path}: not a photo (its content is {describe(path)}, whatever its name says). "
+                            "Remove it, or export it again as PNG or JPEG.")
+    (height, width), _ = pixels.image_size(path, exif)
+    limits.check_pixels(path, height, width)
+    return size
+
+
+def check_files(frames: list[Frame], limits: InputLimits, exif: bool, origin: str) -> None:
+    """The limits on count, bytes, content and pixels of every photo and mask, before any is decoded."""
+    limits.check_count(len(frames), origin)
+    total = sum(_check_file(f.image, limits, exif) + (_check_file(f.mask, limits, exif) if f.mask else 0)
+                for f in frames)
+    limits.check_total(total, origin)
+
+
 def _load_view(frame: Frame, size: tuple[int, int], intrinsics: Optional[np.ndarray], exif: bool):
     """(RGB [H, W, 3] composited over white, mask [H, W] or None) of one view at ``size``."""
     rgba = pixels.read_image(frame.image, exif)
@@ -155,6 +176,7 @@ def build_capture(
     source_label: str,
     max_side: Optional[int],
     warnings: list[str],
+    limits: InputLimits,
 ) -> Capture:
     """Validate the frames, read and size their pixels, and assemble the `Capture`.
 
@@ -170,6 +192,7 @@ def build_capture(
         )
     calibrated = frames[0].intrinsics is not None
     exif = not calibrated
+    check_files(frames, limits, exif, origin)
     headers = [pixels.image_size(f.image, exif) for f in frames]
     sizes = [hw for hw, _ in headers]
     if calibrated:

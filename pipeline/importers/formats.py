@@ -19,6 +19,7 @@ from ..cameras import Cameras
 from ..capture import Capture
 from ..errors import PipelineError
 from .assemble import Frame, invert_rigid, rigid
+from .colmap_child import read_model
 from .pixels import image_size
 from .sources import Source, images_in
 
@@ -160,19 +161,17 @@ def read_llff(path: Path, source: Source) -> list[Frame]:
 
 
 def _colmap_model(files: dict[str, Path], workdir: Path) -> Path:
-    """A folder pycolmap can read: the model's own, or ``workdir`` with copies plus an empty points3D."""
-    folders = {p.parent for p in files.values()}
-    if len(folders) == 1 and "points3D" in files:
-        return folders.pop()
+    """``workdir`` with copies of the model's files and an empty points3D: the importer needs no
+    points, and not reading them saves time and one more file that could be damaged."""
     ext = files["cameras"].suffix
     for part, file in files.items():
-        shutil.copy(file, workdir / f"{part}{ext}")
-    if "points3D" not in files:  # pycolmap insists on the file; the importer needs no points
-        empty = workdir / f"points3D{ext}"
-        if ext == ".bin":
-            empty.write_bytes(np.uint64(0).tobytes())  # a point count of 0
-        else:
-            empty.write_text("")
+        if part != "points3D":
+            shutil.copy(file, workdir / f"{part}{ext}")
+    empty = workdir / f"points3D{ext}"
+    if ext == ".bin":
+        empty.write_bytes(np.uint64(0).tobytes())  # a point count of 0
+    else:
+        empty.write_text("")
     return workdir
 
 
@@ -202,50 +201,47 @@ def _colmap_distortion(model_name: str, params: np.ndarray) -> np.ndarray:  # [4
 
 
 def read_colmap(files: dict[str, Path], images_dir: Path, source: Source, warnings: list[str]) -> list[Frame]:
-    """A COLMAP model read with pycolmap; photos in ``images_dir`` under the names the model stores.
+    """A COLMAP model read with pycolmap (in a child process: `colmap_child`); photos in ``images_dir``
+    under the names the model stores.
 
     cam_from_world is already world_to_camera in OpenCV axes, and COLMAP's pixel centres are at +0.5
     like ours. SIMPLE_PINHOLE / PINHOLE are used as they are; SIMPLE_RADIAL / RADIAL / OPENCV photos are
     undistorted on load into the pinhole camera with the same fx, fy, cx, cy and size.
     """
-    import pycolmap  # noqa: PLC0415 (heavy import, only needed here)
-
     where_model = files["cameras"].parent
     with tempfile.TemporaryDirectory() as workdir:
-        try:
-            model = pycolmap.Reconstruction(str(_colmap_model(files, Path(workdir))))
-        except (ValueError, RuntimeError) as e:
-            raise PipelineError(f"{where_model}: cannot read the COLMAP model ({e}). Re-export it from COLMAP.") from e
-        records = sorted(model.images.values(), key=lambda im: im.name)
-        frames = []
-        for record in records:
-            where = f"COLMAP model {where_model}, image {record.name}"
-            if not record.has_pose:
-                warnings.append(f"{where} has no pose (not registered); view skipped.")
-                continue
-            image = source.resolve(record.name, images_dir)
-            if image is None:
-                warnings.append(f"{where}: photo not found in {images_dir}; view skipped.")
-                continue
-            camera = model.cameras[record.camera_id]
-            model_name = camera.model.name
-            if model_name not in COLMAP_MODELS:
-                raise PipelineError(
-                    f"{where}: camera model {model_name} is not supported ({', '.join(COLMAP_MODELS)} are). "
-                    "Run `colmap image_undistorter` and import its output (PINHOLE cameras)."
-                )
-            coeffs = _colmap_distortion(model_name, np.asarray(camera.params, dtype=np.float64))
-            frames.append(
-                Frame(
-                    image=image,
-                    name=source.name_of(image),
-                    intrinsics=np.asarray(camera.calibration_matrix(), dtype=np.float64),
-                    world_to_camera=rigid(record.cam_from_world().matrix(), where),
-                    size=(int(camera.height), int(camera.width)),
-                    distortion=coeffs if np.any(coeffs != 0) else None,
-                    mask=source.mask_for(image),
-                )
+        model = read_model(_colmap_model(files, Path(workdir)), str(where_model))
+    frames = []
+    for record in sorted(model["images"], key=lambda record: record["name"]):
+        where = f"COLMAP model {where_model}, image {record['name']}"
+        if not record["has_pose"]:
+            warnings.append(f"{where} has no pose (not registered); view skipped.")
+            continue
+        image = source.resolve(record["name"], images_dir)
+        if image is None:
+            warnings.append(f"{where}: photo not found in {images_dir}; view skipped.")
+            continue
+        camera = model["cameras"].get(str(record["camera_id"]))
+        if camera is None:
+            raise PipelineError(f"{where}: camera {record['camera_id']} is not in cameras{files['cameras'].suffix}. "
+                                "Re-export the model from COLMAP.")
+        if camera["model"] not in COLMAP_MODELS:
+            raise PipelineError(
+                f"{where}: camera model {camera['model']} is not supported ({', '.join(COLMAP_MODELS)} are). "
+                "Run `colmap image_undistorter` and import its output (PINHOLE cameras)."
             )
+        coeffs = _colmap_distortion(camera["model"], np.asarray(camera["params"], dtype=np.float64))
+        frames.append(
+            Frame(
+                image=image,
+                name=source.name_of(image),
+                intrinsics=np.asarray(camera["K"], dtype=np.float64),
+                world_to_camera=rigid(record["cam_from_world"], where),
+                size=(camera["height"], camera["width"]),
+                distortion=coeffs if np.any(coeffs != 0) else None,
+                mask=source.mask_for(image),
+            )
+        )
     used = {f.image.name for f in frames}
     unused = [p.name for p in images_in(images_dir) if p.name not in used] if source.root is not None else []
     if unused:

@@ -14,6 +14,7 @@ _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes for 16-bit greyscale PNGs
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+FORMATS = ("PNG", "JPEG", "WebP", "TIFF", "BMP")  # what `pipeline.limits.sniff` may call a photo
 
 
 def _unreadable(path: Path, error: Exception) -> PipelineError:
@@ -25,7 +26,10 @@ def image_size(path: Path, exif: bool) -> tuple[tuple[int, int], int]:
     try:
         with Image.open(path) as im:
             width, height = im.size
-            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1))
+            # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels; one before them
+            # is already in `info`. Never decode here: this runs before the pixel-count limit.
+            has_exif = im.format != "PNG" or "exif" in im.info
+            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if has_exif else 1
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from e
     if exif and orientation in _SWAPPING_ORIENTATIONS:

@@ -80,19 +80,31 @@ class Source:
         return []
 
     def resolve(self, ref: str, base: Path) -> Optional[Path]:
-        """The image a camera file means by ``ref`` (relative to ``base``, extension optional), or None."""
+        """The image a camera file means by ``ref`` (relative to ``base``, extension optional), or None.
+
+        Only files of the capture are found: for a folder, paths inside it (a ``ref`` that leads out,
+        absolute or through '..', is refused); for a list of files, one of them, by name.
+        """
         ref = ref.replace("\\", "/")  # written on Windows
-        path = base / ref
+        name = Path(ref).name
+        bare = not is_image(Path(name))  # no extension: match the stem of an image
+        if self.root is None:
+            hits = [p for p in self.listed if p.name == name or (bare and p.stem == name and is_image(p))]
+            return hits[0] if len(hits) == 1 else None
+        path = Path(os.path.normpath(base / ref))
+        root = Path(os.path.normpath(self.root))
+        if path != root and root not in path.parents:
+            raise PipelineError(
+                f"The camera file names '{ref}', which is outside the capture folder {self.root}. Put the photos "
+                "in the capture folder and name them relative to the camera file."
+            )
         if path.is_file():
             return path
-        if not is_image(path) and path.parent.is_dir():
+        if bare and path.parent.is_dir():
             hits = [p for p in path.parent.glob(f"{glob.escape(path.name)}.*") if is_image(p) and p.stem == path.name]
             if len(hits) == 1:
                 return hits[0]
-        name = Path(ref).name
-        bare = not is_image(Path(name))  # no extension: match the stem of an image
-        hits = [p for p in self.listed if p.name == name or (bare and p.stem == name and is_image(p))]
-        return hits[0] if len(hits) == 1 else None
+        return None
 
     def name_of(self, path: Path) -> str:
         """How a view is called in messages and ``Capture.names``: its path in the folder, else its file name."""
