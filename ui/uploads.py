@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Dict, List, Optional, Sequence, Union
@@ -24,6 +25,10 @@ from pipeline.importers.sources import MASK_FOLDERS, is_image, is_mask
 from pipeline.limits import DEFAULT_LIMITS, MiB, InputLimits, describe, sniff
 
 _COPY_CHUNK = 1024 * 1024
+# What zipfile raises for a damaged, encrypted or oddly compressed archive (zlib's for a bad
+# deflate stream, RuntimeError for a password).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError,
+               RuntimeError, zlib.error)
 # Members smaller than this may compress better than `max_compression_ratio` (a flat mask PNG
 # inside a zip, a short text file): only the archive as a whole is held to the ratio then.
 _RATIO_FLOOR_BYTES = 1 * MiB
@@ -130,8 +135,9 @@ def _open_zip(archive: Path) -> zipfile.ZipFile:
                             "Zip the capture folder again, or upload the photos themselves.")
     try:
         return zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as e:
-        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again.") from None
+    except _ZIP_ERRORS as e:
+        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again "
+                            "(without a password).") from None
 
 
 def _unpacked(archive: Path, workdir: Path, limits: InputLimits) -> Uploads:
@@ -143,8 +149,9 @@ def _unpacked(archive: Path, workdir: Path, limits: InputLimits) -> Uploads:
         with _open_zip(archive) as zf:
             for info, parts in _safe_members(zf, archive, limits):
                 _extract(zf, info, target.joinpath(*parts), archive.name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as e:
-        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again.") from None
+    except _ZIP_ERRORS as e:
+        raise PipelineError(f"{archive.name}: not a readable zip file ({e}). Zip the capture folder again "
+                            "(without a password).") from None
     root = _single_folder(target)
     notices: List[str] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image(p)):

@@ -129,7 +129,7 @@ def read_llff(path: Path, source: Source) -> list[Frame]:
     """
     try:
         table = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise PipelineError(f"{path}: not a readable .npy file ({e}). Re-export it.") from e
     if table.ndim != 2 or table.shape[1] != 17:
         raise PipelineError(f"{path}: expected an [N, 17] array (LLFF poses_bounds), got shape {table.shape}.")
