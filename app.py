@@ -30,7 +30,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get("SPACES_ZERO_GPU"):
         import spaces  # noqa: F401, PLC0415 (ZeroGPU patches torch when imported: before torch loads)
     # Imported after parsing so that --help answers at once (gradio and torch load slowly).
+    from pipeline.memory import limit_heap_arenas  # noqa: PLC0415
     from ui.layout import build_app  # noqa: PLC0415
+
+    limit_heap_arenas()  # before the server's threads: see pipeline/memory.py
 
     app = build_app()
     # `docker stop` and Spaces send SIGTERM: leave through the same cleanup as Ctrl-C.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import queue
 import shutil
 import threading
@@ -21,6 +20,7 @@ from .errors import PipelineError
 from .evaluate import compare_views
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
+from .memory import free_memory
 from .importers import save_cameras_json
 from .normalize import estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, check_cancel, refine
@@ -238,9 +238,7 @@ def reconstruct(
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
         del rasterizer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def _now() -> float:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List
 
 from pipeline.capture import Capture
 from pipeline.config import ReconstructionConfig
+from pipeline.memory import free_memory
 from pipeline.reconstruct import reconstruct
 
 
@@ -128,6 +129,8 @@ class PipelineWorker:
         except Exception as error:  # handed to the handler, which reports it to the user
             self._events.put(error)
         finally:
+            self._args = self._kwargs = None  # the capture: the handler holds no other reference
+            free_memory()
             self._events.put(_FINISHED)
 
     def interrupt(self) -> None:

@@ -139,6 +139,7 @@ class Handlers:
                                     cancel=run.cancel.is_set, name=f"model-{run.number:03d}")
             run.pipeline = worker
             worker.start()
+            del capture  # the worker frees it when the pipeline is done
             result = None
             for batch in worker.batches(BEAT_S):
                 fresh = {}

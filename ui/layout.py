@@ -6,6 +6,7 @@ allowed paths, the sessions), so app.py and the tests serve the same app.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -30,6 +31,9 @@ ASSETS = REPO / "assets"
 # stays open for hours keeps only what it can still download): (how often, how old), seconds.
 DELETE_CACHE = (1800, 3 * 3600)
 MAX_QUEUE = 16  # waiting jobs beyond this get gradio's "busy, try again" message
+# How often gradio pings each page; a closed tab is noticed within this, and only then are its
+# job stopped and its folder removed. Gradio's default, 15 s, kept a closed tab's job running that long.
+HEARTBEAT_S = 1.0
 
 INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
@@ -70,6 +74,7 @@ def examples(quality: str) -> List[list]:
 
 
 def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
+    os.environ.setdefault("GRADIO_HEARTBEAT_INTERVAL", str(HEARTBEAT_S))  # gradio reads it per connection
     devices = DevicePool.detect()
     initial_preset = "balanced" if devices.on_gpu else "fast"  # fast takes minutes on a CPU
     sessions = Sessions(Path(get_upload_folder()))

@@ -128,7 +128,8 @@ def read_llff(path: Path, source: Source) -> list[Frame]:
     by sorted order when it holds exactly one file per photo.
     """
     try:
-        table = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # .npy only: np.load would take a zip for an .npz
+            table = np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise PipelineError(f"{path}: not a readable .npy file ({e}). Re-export it.") from e
     if table.ndim != 2 or table.shape[1] != 17:
