@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import shutil
 import threading
@@ -30,6 +31,9 @@ from .turntable import turntable_from_files
 from .uv import UnwrapJob
 
 MIN_VIEWS = 3
+MIN_RETRY_RESOLUTION = 128  # the refinement's retry after running out of GPU memory renders at least this
+OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Lower 'Render resolution', 'Mesh "
+                     "faces', 'Texture size' or 'Max image side' (or choose the fast preset) and run again.")
 
 
 def split_holdout(capture: Capture, every: int) -> tuple[Capture, Optional[Capture]]:
@@ -204,8 +208,8 @@ def reconstruct(
         # ---------------------------------------------------------------- refine
         start = _now()
         yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
-        mesh = yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up, config.refine,
-                                 rasterizer, cancel)
+        mesh = yield from _refine_within_memory(vertices, faces, atlas, cameras, fit, up, config.refine,
+                                                rasterizer, cancel)
         timings["refine"] = _now() - start
         yield StageFinished("refine", timings["refine"])
 
@@ -239,6 +243,30 @@ def reconstruct(
         # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
         del rasterizer
         free_memory()
+
+
+def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel):
+    """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
+    second failure is a PipelineError that says which settings to lower."""
+    resolution = settings.render_resolution
+    try:
+        return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up, settings,
+                                  rasterizer, cancel))
+    except torch.cuda.OutOfMemoryError:
+        pass  # retried below, outside the handler: the traceback holds the failed step's tensors
+    free_memory()
+    lower = max(MIN_RETRY_RESOLUTION, resolution // 2 // 32 * 32)
+    if lower >= resolution:
+        raise PipelineError(OUT_OF_GPU_MEMORY)
+    yield Warning(f"Out of GPU memory refining at {resolution} px; retrying at {lower} px (lower 'Render "
+                  "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
+    try:
+        return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up,
+                                  dataclasses.replace(settings, render_resolution=lower), rasterizer, cancel))
+    except torch.cuda.OutOfMemoryError:
+        pass
+    free_memory()
+    raise PipelineError(OUT_OF_GPU_MEMORY)
 
 
 def _now() -> float:

@@ -171,3 +171,37 @@ def test_cli_reconstruct_and_eval(tmp_path):
     report = json.loads(proc.stdout)["summary"]
     assert report["views"] == 8 and report["heldout_mask_iou"] > 0.85
     assert report["chamfer_l1_pct_diag"] < 0.2 and report["fscore_1pct"] > 0.99
+
+
+@pytest.mark.parametrize("fails_at", [256, 128])
+def test_out_of_gpu_memory_retries_once_at_half_resolution(tmp_path, monkeypatch, fails_at):
+    """A CUDA OOM in the refinement (faked here, mid-run; bench/oom_retry.py provokes a real one on
+    the GPU) retries at half the render resolution with a notice; a second one is a clear error."""
+    import torch
+
+    from pipeline import reconstruct as module
+
+    real_refine, resolutions = module.refine, []
+
+    def refine_with_little_memory(*args):
+        settings = args[7]
+        resolutions.append(settings.render_resolution)
+        events_so_far = real_refine(*args)
+        for _ in range(3):
+            yield next(events_so_far)
+        if settings.render_resolution >= fails_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return (yield from events_so_far)
+
+    monkeypatch.setattr(module, "refine", refine_with_little_memory)
+    config = _fast(**{"refine.render_resolution": 256, "refine.iterations": 20, "refine.texture_size": 256,
+                      "refine.mesh_faces": 3000, "export.target_faces": 3000})
+    if fails_at == 256:
+        collected, result = _run(load_capture(LEGO), config, tmp_path)
+        assert resolutions == [256, 128] and result is not None
+        notices = [e.message for e in collected if isinstance(e, events.Warning)]
+        assert any("Out of GPU memory refining at 256 px; retrying at 128 px" in n for n in notices), notices
+    else:
+        with pytest.raises(PipelineError, match="Out of GPU memory, even at half .* Lower 'Render resolution'"):
+            _run(load_capture(LEGO), config, tmp_path)
+        assert resolutions == [256, 128]
