@@ -6,7 +6,7 @@ The GPU is capped with `torch.cuda.set_per_process_memory_fraction` so that the 
 --views views per step at the photos' 400 px) cannot fit while half the resolution can; a second
 job then runs with default settings in the same process, as the app's next user would.
 
-    python bench/oom_retry.py --data ../shared/data [--cap-gb 1.0] [--views 48]
+    python bench/oom_retry.py --data ../shared/data [--cap-gb 1.0] [--views 32]
 
 lego is NeRF-synthetic (CC BY-NC: non-commercial); nvdiffrast is non-commercial too.
 """
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--cap-gb", type=float, default=1.0, help="GPU memory the process may use")
-    parser.add_argument("--views", type=int, default=48, help="views per step of the job that must not fit")
+    parser.add_argument("--views", type=int, default=32, help="views per step of the job that must not fit")
     args = parser.parse_args()
 
     total = torch.cuda.get_device_properties(0).total_memory

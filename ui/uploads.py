@@ -114,7 +114,8 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
         else:
             notices.append(f"{path.name}: not a photo (JPEG, PNG or WebP), mask, camera file or .zip; left out.")
     if not any(is_image(p) for p in kept):
-        raise PipelineError(f"None of the uploaded files is a photo: {', '.join(p.name for p in paths[:5])}. "
+        why = f" ({notices[0]})" if notices else ""
+        raise PipelineError(f"None of the uploaded files is a photo: {', '.join(p.name for p in paths[:5])}{why}. "
                             "Upload JPEG, PNG or WebP photos of the object (at least 3).")
     photos = sorted((p for p in kept if is_image(p) and not is_mask(p)), key=lambda p: p.name)
     shown_as = {str(p): p.name for p in paths}
