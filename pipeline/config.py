@@ -27,9 +27,9 @@ class IngestConfig:
 
 @dataclass
 class CamerasConfig:
-    source: str = param("file", "Cameras: from the camera file only (file); estimated when missing (auto); always "
-                        "by structure from motion (estimate); or a turntable at equal steps (turntable)",
-                        choices=("file", "auto", "estimate", "turntable"))
+    source: str = param("auto", "Cameras: from the camera file, else estimated (auto); from the camera file only "
+                        "(file); always by structure from motion (estimate); or a turntable at equal steps (turntable)",
+                        choices=("auto", "file", "estimate", "turntable"))
     masks: str = param("auto", "Masks for photos without: the learned segmenter when installed, else classical",
                        choices=("auto", "classical", "segmenter"))
     exclude_bad_masks: bool = param(True, "Leave out photos whose estimated mask looks wrong")
@@ -55,6 +55,10 @@ class RefineConfig:
     views_per_step: int = param(4, "Photos compared per optimisation step", 1, 32, 1)
     texture_size: int = param(2048, "Texture atlas size (pixels per side)", 128, 4096, 128)
     mesh_faces: int = param(40000, "Triangles of the mesh being optimised", 2000, 400000, 1000)
+    pose_refinement: str = param("auto", "Correct each photo's camera a little while fitting: auto = only when the "
+                                 "cameras were estimated (structure from motion or turntable), not for a camera file",
+                                 choices=("auto", "on", "off"))
+    pose_lr: float = param(1e-3, "Learning rate of the camera corrections (radians, scene units)", 0.0, 1e-2, 1e-4)
     preview_every_s: float = param(1.0, "Seconds between live preview renders", 0.2, 10.0, 0.1)
     seed: int = param(0, "Random seed (view order, background colours)", 0, 2**31 - 1, 1)
 
@@ -68,15 +72,13 @@ class ExportConfig:
 @dataclass
 class ReconstructionConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
-    # Not in STAGES yet: the UI titles every stage of STAGES (ui/report.py STAGE_TITLES) and would need a
-    # "cameras" entry first; until then camera estimation reports its events under "ingest".
     cameras: CamerasConfig = field(default_factory=CamerasConfig)
     hull: HullConfig = field(default_factory=HullConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-STAGES = ("ingest", "hull", "refine", "export")
+STAGES = ("ingest", "cameras", "hull", "refine", "export")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {

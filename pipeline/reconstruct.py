@@ -1,4 +1,4 @@
-"""The whole pipeline as one generator of typed events: ingest -> hull -> refine -> export."""
+"""The whole pipeline as one generator of typed events: ingest -> cameras -> hull -> refine -> export."""
 
 from __future__ import annotations
 
@@ -103,6 +103,16 @@ def _run_in_thread(work: Callable[[ProgressFn], object], stage: str, cancel: Opt
     return outcome["value"]
 
 
+def _cameras_plan(capture: Capture, source: str) -> str:
+    """What the cameras stage is about to do, for its start event."""
+    masks = "estimating masks, then " if capture.masks is None else ""
+    if source == "turntable":
+        return f"{masks}turntable cameras"
+    if capture.cameras is None or source == "estimate":
+        return f"{masks}structure from motion on {len(capture)} photos"
+    return f"{masks}cameras from the camera file"
+
+
 def estimate_missing(capture: Capture, config: CamerasConfig,
                      cancel: Optional[Callable[[], bool]] = None) -> Iterator[Event]:
     """Masks and/or cameras for a capture that lacks them, as events; returns the completed capture.
@@ -110,9 +120,9 @@ def estimate_missing(capture: Capture, config: CamerasConfig,
     Masks first (the turntable prior needs silhouettes, SfM uses them to drop background features);
     photos whose mask looks wrong are left out when ``config.exclude_bad_masks``. Cameras by structure
     from motion ("auto", "estimate") or the turntable prior ("turntable"); photos SfM cannot place are
-    dropped with a warning. Events are reported under the "ingest" stage (see config.ReconstructionConfig).
+    dropped with a warning. Events are reported under the "cameras" stage.
     """
-    stage = "ingest"
+    stage = "cameras"
     names = list(capture.names)
     images, masks = capture.images, capture.masks
     index = np.arange(len(capture))  # [N'] the input views still in use
@@ -178,14 +188,22 @@ def reconstruct(
         for message in capture.warnings:
             yield Warning(message)
         validate_capture(capture, config.cameras.source)
-        if capture.cameras is None or capture.masks is None or config.cameras.source in ("estimate", "turntable"):
+        timings["ingest"] = _now() - start
+        yield StageFinished("ingest", timings["ingest"])
+
+        # --------------------------------------------------------------- cameras
+        start = _now()
+        estimate = capture.cameras is None or capture.masks is None or config.cameras.source in ("estimate", "turntable")
+        estimated = capture.cameras is None or config.cameras.source in ("estimate", "turntable")  # the poses
+        yield StageStarted("cameras", _cameras_plan(capture, config.cameras.source) if estimate else "from the camera file")
+        if estimate:
             capture = yield from estimate_missing(capture, config.cameras, cancel)
             validate_capture(capture)
         fit, held = split_holdout(capture, config.ingest.holdout_every)
         if len(fit) < MIN_VIEWS:
             raise PipelineError(f"holding out every {config.ingest.holdout_every}th view leaves too few to fit")
-        timings["ingest"] = _now() - start
-        yield StageFinished("ingest", timings["ingest"])
+        timings["cameras"] = _now() - start
+        yield StageFinished("cameras", timings["cameras"])
 
         # ------------------------------------------------------------------ hull
         start = _now()
@@ -209,7 +227,7 @@ def reconstruct(
         start = _now()
         yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
         mesh = yield from _refine_within_memory(vertices, faces, atlas, cameras, fit, up, config.refine,
-                                                rasterizer, cancel)
+                                                rasterizer, cancel, estimated_cameras=estimated)
         timings["refine"] = _now() - start
         yield StageFinished("refine", timings["refine"])
 
@@ -245,13 +263,13 @@ def reconstruct(
         free_memory()
 
 
-def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel):
+def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel, estimated_cameras):
     """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
     second failure is a PipelineError that says which settings to lower."""
     resolution = settings.render_resolution
     try:
         return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up, settings,
-                                  rasterizer, cancel))
+                                  rasterizer, cancel, estimated_cameras))
     except torch.cuda.OutOfMemoryError:
         pass  # retried below, outside the handler: the traceback holds the failed step's tensors
     free_memory()
@@ -262,7 +280,8 @@ def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, ra
                   "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
     try:
         return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up,
-                                  dataclasses.replace(settings, render_resolution=lower), rasterizer, cancel))
+                                  dataclasses.replace(settings, render_resolution=lower), rasterizer, cancel,
+                                  estimated_cameras))
     except torch.cuda.OutOfMemoryError:
         pass
     free_memory()

@@ -156,6 +156,7 @@ def refine(
     config: RefineConfig,
     rasterizer: Rasterizer,
     cancel: Optional[Callable[[], bool]] = None,
+    estimated_cameras: bool = False,
 ) -> Generator[object, None, TexturedMesh]:
     """Fit the surface and its appearance to the photos in two passes over the same connectivity:
 
@@ -163,6 +164,10 @@ def refine(
        meanwhile in another process);
     2. texture: the photos are projected into the atlas on the refined surface, then positions and
        texture are optimised together.
+
+    With pose refinement (``config.pose_refinement``: "on", or "auto" with ``estimated_cameras``)
+    each photo's camera also gets a small rigid correction, optimised with the rest (the camera is
+    a differentiable input of the render); the texture is projected through the corrected cameras.
 
     Yields Progress / Preview / Metrics events; returns the refined TexturedMesh.
     """
@@ -192,8 +197,12 @@ def refine(
     sampler = _ViewSampler(len(photos), min(config.views_per_step, len(photos)), rng)
     previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
                            config.preview_every_s, device)
+    adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
+    poses = PoseCorrections(cameras, clip_mats, device)
     optimizer = torch.optim.Adam([{"params": [verts], "lr": config.geometry_lr},
-                                  {"params": [colors], "lr": config.texture_lr}], betas=(0.9, 0.99))
+                                  {"params": [colors], "lr": config.texture_lr},
+                                  {"params": [poses.delta], "lr": config.pose_lr if adjust_poses else 0.0}],
+                                 betas=(0.9, 0.99))
 
     def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
         check_cancel(cancel)
@@ -201,9 +210,11 @@ def refine(
         decay = 0.1 ** (step / max(total, 1))
         optimizer.param_groups[0]["lr"] = config.geometry_lr * decay
         optimizer.param_groups[1]["lr"] = config.texture_lr * decay
+        if adjust_poses:
+            optimizer.param_groups[2]["lr"] = config.pose_lr * decay
         views = sampler.next().to(device)
         background = torch.rand(len(views), 1, 1, 3, generator=generator).to(device)
-        rgb, alpha = render(clip_mats[views], background)
+        rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
         target_alpha = alphas[views]
         target = photos[views] * target_alpha + background * (1 - target_alpha)
         loss = ((rgb - target).abs().mean() + config.mask_weight * ((alpha - target_alpha) ** 2).mean()
@@ -231,6 +242,11 @@ def refine(
     faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
     uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
     surface = verts.detach()
+    if adjust_poses:  # project the photos through the corrected cameras
+        with torch.no_grad():
+            full_views["clip_from_world"] = poses.corrected(full_views["clip_from_world"])
+            full_views["camera_centers"] = poses.centers()
+        yield Metrics(STAGE, poses.summary())
     baked = PhotoProjector(rasterizer, surface, faces_t, **full_views).texture(
         surface.cpu().numpy(), np.asarray(faces), uvs, faces_uv, config.texture_size, rasterizer)
     texture = torch.from_numpy(baked).to(device)[None].contiguous().requires_grad_(True)
@@ -252,6 +268,52 @@ def refine(
         faces_uv=faces_uv.astype(np.int32),
         texture=texture.detach()[0].cpu().numpy(),
     )
+
+
+class PoseCorrections:
+    """A small rigid correction per camera, applied in camera space: world_to_camera' = D @ world_to_camera,
+    D = [R(omega) | t] with ``delta`` = [omega (axis-angle, radians), t (scene units)] per view."""
+
+    def __init__(self, cameras: Cameras, clip_from_world: Tensor, device: torch.device):
+        world_to_camera = torch.tensor(cameras.world_to_camera, dtype=torch.float64)  # [N, 4, 4]
+        camera_to_world = torch.linalg.inv(world_to_camera)
+        self.world_to_camera = world_to_camera.float().to(device)
+        # clip_from_world = projection @ world_to_camera; the projection alone, per view [N, 4, 4]:
+        self.projection = (clip_from_world.double().cpu() @ camera_to_world).float().to(device)
+        self.delta = torch.zeros(len(cameras), 6, device=device, requires_grad=True)  # [N, 6]
+
+    def matrices(self, views: Optional[Tensor] = None) -> Tensor:  # [n, 4, 4] the corrections D
+        delta = self.delta if views is None else self.delta[views]
+        omega, t = delta[:, :3], delta[:, 3:]
+        # Rodrigues with the unnormalised cross-product matrix K of omega: smooth (and its gradient
+        # finite) at omega = 0, where every correction starts.
+        theta = torch.sqrt((omega**2).sum(1) + 1e-12)[:, None, None]  # [n, 1, 1]
+        k = torch.zeros(len(delta), 3, 3, device=delta.device)
+        k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -omega[:, 2], omega[:, 1], -omega[:, 0]
+        k = k - k.transpose(1, 2)
+        eye = torch.eye(3, device=delta.device).expand_as(k)
+        rotation = eye + torch.sin(theta) / theta * k + (1 - torch.cos(theta)) / theta**2 * (k @ k)
+        out = torch.eye(4, device=delta.device).repeat(len(delta), 1, 1)
+        out[:, :3, :3] = rotation
+        out[:, :3, 3] = t
+        return out
+
+    def clip(self, views: Tensor) -> Tensor:  # [n, 4, 4] corrected clip_from_world of ``views``
+        return self.projection[views] @ self.matrices(views) @ self.world_to_camera[views]
+
+    def corrected(self, clip_from_world: Tensor) -> Tensor:  # [N, 4, 4] the same correction at another resolution
+        projection = clip_from_world @ torch.linalg.inv(self.world_to_camera)
+        return projection @ self.matrices() @ self.world_to_camera
+
+    def centers(self) -> Tensor:  # [N, 3] corrected camera centres
+        return torch.linalg.inv(self.matrices() @ self.world_to_camera)[:, :3, 3]
+
+    def summary(self) -> dict:
+        with torch.no_grad():
+            degrees = torch.rad2deg(self.delta[:, :3].norm(dim=1))
+            shift = self.delta[:, 3:].norm(dim=1)
+        return {"pose_correction_deg_median": float(degrees.median()), "pose_correction_deg_max": float(degrees.max()),
+                "pose_correction_shift_median": float(shift.median())}
 
 
 def check_cancel(cancel: Optional[Callable[[], bool]]) -> None:

@@ -129,7 +129,7 @@ def test_api_takes_the_files_first_and_every_setting_with_a_default(client):
     assert params["quality"]["parameter_default"] == "fast"  # no GPU here
     for spec in describe(preset("fast")):
         name = spec.key.replace(".", "_", 1)
-        if spec.key != "refine.seed":
+        if spec.key not in ("refine.seed", "cameras.source"):  # seed and camera_source: controls of their own
             assert params[name]["parameter_default"] == spec.default, name
 
 
@@ -224,10 +224,12 @@ def test_camera_file_for_other_photos(client, out_dir):
 
 
 def test_no_camera_file(client, out_dir):
-    message = error_of(submit(client, lego_files(out_dir, cameras=False)))
-    assert "not available yet" in message and "transforms.json" in message
-    message = error_of(submit(client, lego_files(out_dir), camera_source="turntable"))
-    assert "'turntable' is not available yet" in message
+    message = error_of(submit(client, lego_files(out_dir, cameras=False), camera_source="file"))
+    assert "No camera file among the uploads" in message and "transforms.json" in message
+    # The turntable prior needs no camera file: the run gets past its cameras stage.
+    log = notice_then_stop(submit(client, lego_files(out_dir, cameras=False), camera_source="turntable"),
+                           "Cameras done")
+    assert "Cameras: turntable cameras" in log
 
 
 def test_photos_without_masks(client, out_dir):
@@ -235,8 +237,10 @@ def test_photos_without_masks(client, out_dir):
         Image.open(source).convert("RGB").save(target)
 
     files = lego_files(out_dir, {p.name: drop_alpha for p in (LEGO / "train").glob("*.png")})
-    message = error_of(submit(client, files))
+    message = error_of(submit(client, files, camera_source="file"))
     assert "no object masks" in message
+    log = notice_then_stop(submit(client, files), "Cameras done")  # auto: masks estimated, cameras from the file
+    assert "Cameras: estimating masks, then cameras from the camera file" in log
 
 
 def test_unsafe_zip_is_refused_when_submitted(client, out_dir):

@@ -61,7 +61,7 @@ def test_lego_heldout_quality(lego_run):
 def test_lego_event_stream(lego_run):
     collected, result = lego_run
     stages = [(type(e).__name__, e.stage) for e in collected if isinstance(e, (events.StageStarted, events.StageFinished))]
-    assert stages == [(kind, stage) for stage in ("ingest", "hull", "refine", "export")
+    assert stages == [(kind, stage) for stage in ("ingest", "cameras", "hull", "refine", "export")
                       for kind in ("StageStarted", "StageFinished")]
     assert isinstance(collected[-1], events.Result)
     previews = [e for e in collected if isinstance(e, events.Preview)]
@@ -74,7 +74,7 @@ def test_lego_event_stream(lego_run):
     assert diff < 20
     progress = [e.fraction for e in collected if isinstance(e, events.Progress) and e.stage == "refine"]
     assert progress == sorted(progress) and progress[-1] == 1.0
-    assert set(result.timings) >= {"ingest", "hull", "refine", "export", "total"}
+    assert set(result.timings) >= {"ingest", "cameras", "hull", "refine", "export", "total"}
     assert len(result.per_view) == 24 and all("psnr" in v and "mask_iou" in v for v in result.per_view.values())
 
 
@@ -141,7 +141,7 @@ def test_bad_input_is_a_clear_error(case, tmp_path):
         capture.cameras.world_to_camera[:, :3, :] = turn @ capture.cameras.world_to_camera[:, :3, :]
         match = "volume"
     with pytest.raises(PipelineError, match=match):
-        _run(capture, _fast(), tmp_path)
+        _run(capture, _fast(**{"cameras.source": "file"}), tmp_path)
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -183,10 +183,10 @@ def test_out_of_gpu_memory_retries_once_at_half_resolution(tmp_path, monkeypatch
 
     real_refine, resolutions = module.refine, []
 
-    def refine_with_little_memory(*args):
+    def refine_with_little_memory(*args, **kwargs):
         settings = args[7]
         resolutions.append(settings.render_resolution)
-        events_so_far = real_refine(*args)
+        events_so_far = real_refine(*args, **kwargs)
         for _ in range(3):
             yield next(events_so_far)
         if settings.render_resolution >= fails_at:

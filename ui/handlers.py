@@ -27,8 +27,10 @@ from .uploads import CAMERA_FILE_HELP, Uploads, check_uploads, sort_uploads
 
 log = logging.getLogger("photo3d.app")
 
-CAMERA_SOURCES = ["auto", "camera file", "estimate", "turntable"]
-CAMERA_SOURCE_HELP = "auto: the camera file among the uploads. Estimating cameras and the turntable: not available yet."
+# Labels of the camera source choices (the values and their order come from the config field).
+CAMERA_SOURCE_LABELS = {"auto": "auto: the camera file, else estimated from the photos",
+                        "file": "camera file only", "estimate": "estimate from the photos (structure from motion)",
+                        "turntable": "turntable (photos at equal steps around the object)"}
 # Outputs of the Run event, in order; `_updates` fills them by name. The 3D viewer is not one of
 # them: it gets the GLB from a follow-up event (see ui.layout).
 RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_view", "metrics")
@@ -102,7 +104,7 @@ class Handlers:
             verdict = gr.validate(False, f"Cannot read the uploads ({error}). Upload them again.")
         return [verdict] + [gr.validate(True, "")] * (len(others) + len(settings))
 
-    def reconstruct(self, files: Optional[List[str]], camera_source: str = "auto", quality: str = "fast",
+    def reconstruct(self, files: Optional[List[str]], camera_source: Optional[str] = None, quality: str = "fast",
                     seed: float = 0, opened_in_browser: bool = False, request: gr.Request = None,
                     **settings: Any) -> Iterator[tuple]:
         """Stream a reconstruction: preview, stage progress, log, then the model and its metrics."""
@@ -113,8 +115,9 @@ class Handlers:
         uploads: Optional[Uploads] = None
         last_preview = None
         try:
-            config = build_config(quality, seed, settings, self.initial_values, controls_follow_preset=opened_in_browser)
-            report.note(f"{len(files or [])} file(s), preset {quality}, camera source {camera_source}")
+            config = build_config(quality, seed, settings, self.initial_values, controls_follow_preset=opened_in_browser,
+                                  camera_source=camera_source)
+            report.note(f"{len(files or [])} file(s), preset {quality}, camera source {config.cameras.source}")
             yield _updates(report, preview=None, gallery=[])
             if previous is not None and previous.active():
                 previous.cancel.set()
@@ -131,7 +134,7 @@ class Handlers:
             capture = load_capture(uploads.source, max_side=config.ingest.max_image_side, limits=self.limits)
             for text in capture.warnings:
                 _warn(report, uploads.tidy(text))
-            _check_cameras(camera_source, capture)
+            _check_cameras(config.cameras.source, capture)
             gallery = gallery_items(capture, run.folder / "gallery")
             yield _updates(report, gallery=gallery)
 
@@ -237,19 +240,10 @@ def _warn(report: RunReport, text: str) -> None:
 
 
 def _check_cameras(camera_source: str, capture: Capture) -> None:
-    """Refuse camera sources that cannot work yet, saying what to do instead."""
-    if camera_source in ("estimate", "turntable"):
-        raise PipelineError(
-            f"Camera source '{camera_source}' is not available yet. Choose 'auto' or 'camera file' and add a "
-            f"camera file to the photos: {CAMERA_FILE_HELP}."
-        )
-    if capture.cameras is None:
-        if camera_source == "camera file":
-            raise PipelineError(f"No camera file among the uploads. Add one: {CAMERA_FILE_HELP}.")
-        raise PipelineError(
-            "No camera file among the uploads, and estimating the cameras from the photos is not available yet. "
-            f"Add a camera file: {CAMERA_FILE_HELP}."
-        )
+    """Refuse what cannot work before a job takes the GPU, saying what to do instead."""
+    if capture.cameras is None and camera_source == "file":
+        raise PipelineError(f"No camera file among the uploads. Add one ({CAMERA_FILE_HELP}), or choose the "
+                            "camera source 'auto' to estimate the cameras from the photos.")
 
 
 def _tidy(error: Exception, uploads: Optional[Uploads], files: Optional[List[str]]) -> str:

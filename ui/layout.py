@@ -19,10 +19,10 @@ from pipeline.limits import DEFAULT_LIMITS, InputLimits
 from pipeline.weights import TABLE_HEADERS
 
 from .devices import DevicePool
-from .handlers import CAMERA_SOURCE_HELP, CAMERA_SOURCES, RUN_OUTPUTS, Handlers
+from .handlers import CAMERA_SOURCE_LABELS, RUN_OUTPUTS, Handlers
 from .report import PER_VIEW_HEADERS, STAGES_CSS, STAGE_TITLES, RunReport
 from .session import Sessions
-from .settings import advanced_fields, api_name
+from .settings import advanced_fields, api_name, camera_source_field
 from .uploads import CAMERA_FILE_HELP
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,9 @@ HEARTBEAT_S = 1.0
 
 INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
-(PNG alpha, or mask files named `<photo>_mask.png`) and a camera file ({CAMERA_FILE_HELP}), or one
-.zip of such a capture folder. Then press **Run**: the preview shows the current render beside the
+(PNG alpha, or mask files named `<photo>_mask.png`) and a camera file ({CAMERA_FILE_HELP}) if you
+have them, or one .zip of such a capture folder. Without masks or cameras they are estimated from
+the photos (a plain background helps; with turntable photos, choose the turntable camera source). Then press **Run**: the preview shows the current render beside the
 photo, and a turntable view. Or click an example below.
 """
 
@@ -69,7 +70,7 @@ def examples(quality: str) -> List[list]:
     for folder in sorted(p for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []:
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "LICENSE.md"))
         if files:
-            rows.append([files, "auto", quality])
+            rows.append([files, camera_source_field().default, quality])
     return rows
 
 
@@ -85,8 +86,9 @@ def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
         opened_in_browser = gr.State(False)
         gr.Markdown(INTRO)
         # Created before the examples, which fill them in, and shown further down.
-        camera_source = gr.Dropdown(CAMERA_SOURCES, value="auto", label="Camera source", info=CAMERA_SOURCE_HELP,
-                                    render=False)
+        source = camera_source_field()
+        camera_source = gr.Dropdown([(CAMERA_SOURCE_LABELS.get(c, c), c) for c in source.choices], value=source.default,
+                                    label="Camera source", render=False)
         quality = gr.Dropdown(list(PRESETS), value=initial_preset, label="Quality preset",
                               info="Sets the Advanced values", render=False)
         with gr.Row():

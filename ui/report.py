@@ -19,7 +19,8 @@ from pipeline.capture import Capture
 from pipeline.config import STAGES
 from pipeline.events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
 
-STAGE_TITLES = {"ingest": "Read photos", "hull": "Visual hull", "refine": "Refine", "export": "Export"}
+STAGE_TITLES = {"ingest": "Read photos", "cameras": "Cameras", "hull": "Visual hull", "refine": "Refine",
+                "export": "Export"}
 LOG_LINES = 200  # the log box shows the end; older lines only push the page's memory up
 PER_VIEW_HEADERS = ["view", "PSNR (dB)", "mask IoU"]
 

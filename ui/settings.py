@@ -11,9 +11,10 @@ from typing import Any, Dict, List
 
 from pipeline.config import FieldSpec, ReconstructionConfig, apply_overrides, describe, preset
 
-# The seed has its own control next to the preset (it changes results, not quality), so the
-# Advanced accordion leaves it out.
+# The seed and the camera source have their own controls next to the preset (they change what is
+# done, not its quality), so the Advanced accordion leaves them out.
 SEED_KEY = "refine.seed"
+CAMERA_SOURCE_KEY = "cameras.source"
 
 
 def api_name(key: str) -> str:
@@ -22,7 +23,12 @@ def api_name(key: str) -> str:
 
 def advanced_fields(config: ReconstructionConfig) -> List[FieldSpec]:
     """The fields shown in the Advanced accordion, with ``config``'s values as defaults."""
-    return [spec for spec in describe(config) if spec.key != SEED_KEY]
+    return [spec for spec in describe(config) if spec.key not in (SEED_KEY, CAMERA_SOURCE_KEY)]
+
+
+def camera_source_field() -> FieldSpec:
+    """The camera source setting (choices, default, help), for its own control."""
+    return next(spec for spec in describe(ReconstructionConfig()) if spec.key == CAMERA_SOURCE_KEY)
 
 
 def preset_values(preset_name: str) -> Dict[str, Any]:
@@ -31,8 +37,8 @@ def preset_values(preset_name: str) -> Dict[str, Any]:
 
 
 def build_config(preset_name: str, seed: Any, values: Dict[str, Any], initial_values: Dict[str, Any],
-                 controls_follow_preset: bool) -> ReconstructionConfig:
-    """The config of one run: the preset, then the Advanced values, then the seed.
+                 controls_follow_preset: bool, camera_source: Any = None) -> ReconstructionConfig:
+    """The config of one run: the preset, then the Advanced values, then the seed and camera source.
 
     In the page the controls always show the preset's values plus the user's edits, so all of
     them apply (``controls_follow_preset``). An API caller that passes only some values gets the
@@ -47,4 +53,6 @@ def build_config(preset_name: str, seed: Any, values: Dict[str, Any], initial_va
     }
     if seed is not None:
         overrides[SEED_KEY] = seed
+    if camera_source is not None:
+        overrides[CAMERA_SOURCE_KEY] = camera_source
     return apply_overrides(preset(preset_name), overrides)
