@@ -119,18 +119,22 @@ class UnwrapJob:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self._process = subprocess.Popen([sys.executable, "-m", "pipeline.uv", str(self._input), str(self._output)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self._result: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
     def ready(self) -> bool:
         return self._process.poll() is not None
 
     def result(self, timeout: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vmapping, faces, uvs) as `unwrap` returns them; raises subprocess.TimeoutExpired when not done."""
-        _, stderr = self._process.communicate(timeout=timeout)
-        if self._process.returncode != 0 or not self._output.exists():
-            message = stderr.decode(errors="replace").strip().splitlines()
-            raise PipelineError(f"UV unwrapping failed: {message[-1] if message else 'no output'}")
-        with np.load(self._output) as out:
-            return out["vmapping"], out["faces"], out["uvs"]
+        """(vmapping, faces, uvs) as `unwrap` returns them; raises subprocess.TimeoutExpired when not done.
+        May be called again (a refinement retried after running out of GPU memory asks twice)."""
+        if self._result is None:
+            _, stderr = self._process.communicate(timeout=timeout)
+            if self._process.returncode != 0 or not self._output.exists():
+                message = stderr.decode(errors="replace").strip().splitlines()
+                raise PipelineError(f"UV unwrapping failed: {message[-1] if message else 'no output'}")
+            with np.load(self._output) as out:
+                self._result = out["vmapping"], out["faces"], out["uvs"]
+        return self._result
 
     def cancel(self) -> None:
         if self._process.poll() is None:
