@@ -91,6 +91,17 @@ def transform_cameras(
     return Cameras(cameras.intrinsics.copy(), w2c, cameras.sizes.copy())
 
 
+def cameras_in_world(
+    cameras: Cameras,  # in the normalised frame
+    world_from_normalised: np.ndarray,  # [4, 4] similarity [[s I, c], [0, 1]]
+) -> Cameras:
+    """The inverse of `transform_cameras`: cameras of the normalised frame, for world points."""
+    scale = float(np.cbrt(np.linalg.det(world_from_normalised[:3, :3])))
+    w2c = cameras.world_to_camera.copy()
+    w2c[:, :3, :] *= scale
+    return Cameras(cameras.intrinsics.copy(), w2c @ np.linalg.inv(world_from_normalised), cameras.sizes.copy())
+
+
 def estimate_up(cameras: Cameras) -> np.ndarray:  # [3] unit vector, world (= normalised) frame
     """The world's "up": the mean of the cameras' up axes (-y in OpenCV axes).
 

@@ -15,6 +15,7 @@ import torch
 
 from . import export, sfm
 from . import masks as masks_mod
+from .cameras import Cameras
 from .capture import Capture
 from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
@@ -23,7 +24,7 @@ from .events import Event, Metrics, Preview, Progress, Result, StageFinished, St
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
 from .importers import save_cameras_json
-from .normalize import estimate_up, normalize_scene, transform_cameras
+from .normalize import cameras_in_world, estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, check_cancel, refine
 from .render import Rasterizer
 from .sfm import ProgressFn
@@ -36,12 +37,16 @@ OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Low
                      "faces', 'Texture size' or 'Max image side' (or choose the fast preset) and run again.")
 
 
+def holdout_mask(count: int, every: int) -> np.ndarray:  # [count] bool, True = held out
+    """Every ``every``-th view is held out (none when 0)."""
+    return np.arange(count) % every == every - 1 if every > 0 else np.zeros(count, dtype=bool)
+
+
 def split_holdout(capture: Capture, every: int) -> tuple[Capture, Optional[Capture]]:
     """(fitting views, held-out views): every ``every``-th view is held out (none when 0)."""
     if every <= 0:
         return capture, None
-    index = np.arange(len(capture))
-    held = index % every == every - 1
+    held = holdout_mask(len(capture), every)
     return capture.subset(~held), capture.subset(held)
 
 
@@ -226,7 +231,7 @@ def reconstruct(
         # ---------------------------------------------------------------- refine
         start = _now()
         yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
-        mesh = yield from _refine_within_memory(vertices, faces, atlas, cameras, fit, up, config.refine,
+        mesh, corrected = yield from _refine_within_memory(vertices, faces, atlas, cameras, fit, up, config.refine,
                                                 rasterizer, cancel, estimated_cameras=estimated)
         timings["refine"] = _now() - start
         yield StageFinished("refine", timings["refine"])
@@ -236,6 +241,13 @@ def reconstruct(
         yield StageStarted("export", f"GLB with {config.export.target_faces} triangles at most")
         files = export.export_textured_mesh(mesh, out_dir, world_from_normalised, up, config.export.target_faces,
                                             unlit=config.export.unlit, name=name, rasterizer=rasterizer)
+        if corrected is not None:  # pose refinement: the fitted views' cameras as corrected
+            world_to_camera = capture.cameras.world_to_camera.copy()
+            fitted = ~holdout_mask(len(capture), config.ingest.holdout_every)
+            world_to_camera[fitted] = cameras_in_world(corrected, world_from_normalised).world_to_camera
+            capture = dataclasses.replace(
+                capture, cameras=Cameras(capture.cameras.intrinsics, world_to_camera, capture.cameras.sizes))
+            cameras = corrected
         cameras_path = save_cameras_json(capture, None, out_dir / f"{name}_cameras.json")
         yield Progress("export", 0.7, "measuring the result against the photos")
         means, per_view = compare_views(mesh, cameras, fit.images, fit.masks, fit.names, rasterizer)

@@ -157,7 +157,7 @@ def refine(
     rasterizer: Rasterizer,
     cancel: Optional[Callable[[], bool]] = None,
     estimated_cameras: bool = False,
-) -> Generator[object, None, TexturedMesh]:
+) -> Generator[object, None, Tuple[TexturedMesh, Optional[Cameras]]]:
     """Fit the surface and its appearance to the photos in two passes over the same connectivity:
 
     1. geometry: vertex positions with per-vertex colours (no UVs needed, so the atlas is computed
@@ -169,7 +169,8 @@ def refine(
     each photo's camera also gets a small rigid correction, optimised with the rest (the camera is
     a differentiable input of the render); the texture is projected through the corrected cameras.
 
-    Yields Progress / Preview / Metrics events; returns the refined TexturedMesh.
+    Yields Progress / Preview / Metrics events; returns the refined TexturedMesh and, with pose
+    refinement, the corrected cameras (normalised frame; else None).
     """
     device = rasterizer.device
     rng = np.random.default_rng(config.seed)
@@ -261,13 +262,14 @@ def refine(
         loss = fit_step(step, by_texture, texture)
         yield from previewer.maybe(step, total, by_texture, loss)
 
-    return TexturedMesh(
+    mesh = TexturedMesh(
         vertices=verts.detach().cpu().numpy().astype(np.float32),
         faces=np.asarray(faces, dtype=np.int32),
         uvs=uvs.astype(np.float32),
         faces_uv=faces_uv.astype(np.int32),
         texture=texture.detach()[0].cpu().numpy(),
     )
+    return mesh, (poses.cameras(cameras) if adjust_poses else None)
 
 
 class PoseCorrections:
@@ -304,6 +306,13 @@ class PoseCorrections:
     def corrected(self, clip_from_world: Tensor) -> Tensor:  # [N, 4, 4] the same correction at another resolution
         projection = clip_from_world @ torch.linalg.inv(self.world_to_camera)
         return projection @ self.matrices() @ self.world_to_camera
+
+    def cameras(self, original: Cameras) -> Cameras:
+        """``original`` with the corrections applied (same intrinsics and sizes)."""
+        with torch.no_grad():
+            corrected = (self.matrices() @ self.world_to_camera).double().cpu().numpy()
+        corrected[:, 3] = [0.0, 0.0, 0.0, 1.0]
+        return Cameras(original.intrinsics.copy(), corrected, original.sizes.copy())
 
     def centers(self) -> Tensor:  # [N, 3] corrected camera centres
         return torch.linalg.inv(self.matrices() @ self.world_to_camera)[:, :3, 3]

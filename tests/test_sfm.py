@@ -76,3 +76,21 @@ def test_preview_draws_the_cloud_on_the_photo():
     assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
     magenta = np.all(img == (255, 0, 255), axis=-1)
     assert magenta.sum() == 9 and magenta[31:34, 31:34].all()
+
+
+def test_photos_of_another_object_are_left_out_by_name():
+    """30 lego views plus 12 photos of another object (the mold_cape capture): the lego views are
+    placed, the others dropped with a notice that names them; the run goes on."""
+    lego = load_capture(FIXTURE)
+    other = load_capture(Path(__file__).parent / "fixtures" / "mold_cape_small", max_side=300)
+    from PIL import Image  # noqa: PLC0415
+
+    size = lego.images.shape[1:3]
+    intruders = np.stack([np.asarray(Image.fromarray((im * 255).astype(np.uint8)).resize(size[::-1]),
+                                     np.float32) / 255 for im in other.images])
+    names = lego.names + [f"other/{n}" for n in other.names]
+    result = estimate_cameras(np.concatenate([lego.images, intruders]), None, names)
+    placed = [names[i] for i in result.registered]
+    assert not any(n.startswith("other/") for n in placed), placed
+    assert len(placed) >= 24, result.summary
+    assert any("other/" in w and ("dropped" in w or "groups" in w) for w in result.warnings), result.warnings
