@@ -27,10 +27,8 @@ from .uploads import CAMERA_FILE_HELP, Uploads, check_uploads, sort_uploads
 
 log = logging.getLogger("photo3d.app")
 
-# Labels of the camera source choices (the values and their order come from the config field).
-CAMERA_SOURCE_LABELS = {"auto": "auto: the camera file, else estimated from the photos",
-                        "file": "camera file only", "estimate": "estimate from the photos (structure from motion)",
-                        "turntable": "turntable (photos at equal steps around the object)"}
+# Labels of the camera source choices (the values, their order and the help come from the config field).
+CAMERA_SOURCE_LABELS = {"auto": "auto", "file": "camera file", "estimate": "estimate", "turntable": "turntable"}
 # Outputs of the Run event, in order; `_updates` fills them by name. The 3D viewer is not one of
 # them: it gets the GLB from a follow-up event (see ui.layout).
 RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_view", "metrics")

@@ -88,7 +88,7 @@ def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
         # Created before the examples, which fill them in, and shown further down.
         source = camera_source_field()
         camera_source = gr.Dropdown([(CAMERA_SOURCE_LABELS.get(c, c), c) for c in source.choices], value=source.default,
-                                    label="Camera source", render=False)
+                                    label="Camera source", info=source.help, render=False)
         quality = gr.Dropdown(list(PRESETS), value=initial_preset, label="Quality preset",
                               info="Sets the Advanced values", render=False)
         with gr.Row():
