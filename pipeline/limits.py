@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from .errors import PipelineError
 
@@ -65,17 +65,6 @@ class InputLimits:
                 f"{self.max_image_pixels / 1e6:.0f} megapixels a photo may have. Downscale it (the pipeline works "
                 "at 2048 px or less anyway)."
             )
-
-    def check_files(self, paths: Iterable[Path], what: str) -> None:
-        """Count, size of each and total size of ``paths`` (from the file system; nothing is read)."""
-        paths = list(paths)
-        self.check_count(len(paths), what)
-        total = 0
-        for path in paths:
-            size = path.stat().st_size
-            self.check_bytes(path, size)
-            total += size
-        self.check_total(total, what)
 
 
 DEFAULT_LIMITS = InputLimits()

@@ -278,25 +278,19 @@ def reconstruct(
 def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel, estimated_cameras):
     """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
     second failure is a PipelineError that says which settings to lower."""
-    resolution = settings.render_resolution
-    try:
-        return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up, settings,
-                                  rasterizer, cancel, estimated_cameras))
-    except torch.cuda.OutOfMemoryError:
-        pass  # retried below, outside the handler: the traceback holds the failed step's tensors
-    free_memory()
-    lower = max(MIN_RETRY_RESOLUTION, resolution // 2 // 32 * 32)
-    if lower >= resolution:
-        raise PipelineError(OUT_OF_GPU_MEMORY)
-    yield Warning(f"Out of GPU memory refining at {resolution} px; retrying at {lower} px (lower 'Render "
-                  "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
-    try:
-        return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up,
-                                  dataclasses.replace(settings, render_resolution=lower), rasterizer, cancel,
-                                  estimated_cameras))
-    except torch.cuda.OutOfMemoryError:
-        pass
-    free_memory()
+    first = settings.render_resolution
+    lower = max(MIN_RETRY_RESOLUTION, first // 2 // 32 * 32)
+    for resolution in [first, lower] if lower < first else [first]:
+        if resolution != first:
+            yield Warning(f"Out of GPU memory refining at {first} px; retrying at {resolution} px (lower 'Render "
+                          "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
+        try:
+            return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up,
+                                      dataclasses.replace(settings, render_resolution=resolution), rasterizer,
+                                      cancel, estimated_cameras))
+        except torch.cuda.OutOfMemoryError:
+            pass  # freed below, outside the handler: the traceback holds the failed step's tensors
+        free_memory()
     raise PipelineError(OUT_OF_GPU_MEMORY)
 
 

@@ -199,11 +199,11 @@ def refine(
     previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
                            config.preview_every_s, device)
     adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
-    poses = PoseCorrections(cameras, clip_mats, device)
-    optimizer = torch.optim.Adam([{"params": [verts], "lr": config.geometry_lr},
-                                  {"params": [colors], "lr": config.texture_lr},
-                                  {"params": [poses.delta], "lr": config.pose_lr if adjust_poses else 0.0}],
-                                 betas=(0.9, 0.99))
+    groups = [{"params": [verts], "lr": config.geometry_lr}, {"params": [colors], "lr": config.texture_lr}]
+    if adjust_poses:
+        poses = PoseCorrections(cameras, clip_mats, device)
+        groups.append({"params": [poses.delta], "lr": config.pose_lr})
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
 
     def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
         check_cancel(cancel)

@@ -118,7 +118,7 @@ class Handlers:
             report.note(f"{len(files or [])} file(s), preset {quality}, camera source {config.cameras.source}")
             yield _updates(report, preview=None, gallery=[])
             if previous is not None and previous.active():
-                previous.cancel.set()
+                previous.stop()
                 report.note("waiting for the previous run to stop")
                 while previous.active():
                     previous.join(BEAT_S)

@@ -98,7 +98,7 @@ class Sessions:
             self._sessions.clear()
         runs = [s.current for s in sessions if s.current is not None and s.current.active()]
         for run in runs:
-            run.cancel.set()
+            run.stop()
         deadline = time.monotonic() + wait_s
         for run in runs:
             run.join(max(0.0, deadline - time.monotonic()))
@@ -118,7 +118,7 @@ def _remove_when_done(session: Session) -> None:
     if run is None or not run.active():
         shutil.rmtree(session.folder, ignore_errors=True)
         return
-    run.cancel.set()
+    run.stop()
 
     def remove_after_run() -> None:
         # The pipeline still writes into the folder until it sees the cancel flag.

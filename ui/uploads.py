@@ -69,25 +69,10 @@ def is_camera_file(path: Path) -> bool:
 def check_uploads(files: Optional[Sequence[Union[str, Path]]], limits: InputLimits = DEFAULT_LIMITS) -> None:
     """Refuse, with a PipelineError that says what to do, uploads beyond ``limits`` or that cannot
     be one capture; reads only file sizes, first bytes and an archive's directory."""
-    paths = [Path(f) for f in (files or [])]
-    if not paths:
-        raise PipelineError("No files uploaded: drop the photos (and masks and camera file) or one .zip of the capture folder.")
-    zips = [p for p in paths if p.suffix.lower() == ".zip"]
-    if zips and len(paths) > 1:
-        raise PipelineError(
-            f"{zips[0].name} came with {len(paths) - 1} other file(s): upload either one .zip of the capture "
-            "folder or the loose photos, masks and camera file, not both."
-        )
-    limits.check_count(len(paths), "The upload")
-    total = 0
-    for path in paths:
-        size = path.stat().st_size
-        limits.check_bytes(path, size, camera_file=is_camera_file(path))
-        total += size
-    limits.check_total(total, "The upload")
-    if zips:
-        with _open_zip(zips[0]) as zf:
-            _safe_members(zf, zips[0], limits)
+    paths = _checked_paths(files, limits)
+    if paths[0].suffix.lower() == ".zip":
+        with _open_zip(paths[0]) as zf:
+            _safe_members(zf, paths[0], limits)
 
 
 def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
@@ -96,10 +81,9 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
 
     Raises PipelineError when there is nothing to use, beyond ``limits``, or for a bad or unsafe zip.
     """
-    check_uploads(files, limits)
-    paths = [Path(f) for f in files]
+    paths = _checked_paths(files, limits)
     if paths[0].suffix.lower() == ".zip":
-        return _unpacked(paths[0], workdir, limits)
+        return _unpacked(paths[0], workdir, limits)  # checks the archive's members as it goes
 
     kept, notices = [], []
     for path in paths:
@@ -120,6 +104,28 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
     photos = sorted((p for p in kept if is_image(p) and not is_mask(p)), key=lambda p: p.name)
     shown_as = {str(p): p.name for p in paths}
     return Uploads(source=kept, photos=photos, notices=notices, shown_as=shown_as)
+
+
+def _checked_paths(files: Optional[Sequence[Union[str, Path]]], limits: InputLimits) -> List[Path]:
+    """The uploads as paths, after the checks that need only names and sizes: some files, one .zip
+    alone or loose files, the count and the bytes of each and in all."""
+    paths = [Path(f) for f in (files or [])]
+    if not paths:
+        raise PipelineError("No files uploaded: drop the photos (and masks and camera file) or one .zip of the capture folder.")
+    zips = [p for p in paths if p.suffix.lower() == ".zip"]
+    if zips and len(paths) > 1:
+        raise PipelineError(
+            f"{zips[0].name} came with {len(paths) - 1} other file(s): upload either one .zip of the capture "
+            "folder or the loose photos, masks and camera file, not both."
+        )
+    limits.check_count(len(paths), "The upload")
+    total = 0
+    for path in paths:
+        size = path.stat().st_size
+        limits.check_bytes(path, size, camera_file=is_camera_file(path))
+        total += size
+    limits.check_total(total, "The upload")
+    return paths
 
 
 def _is_photo(path: Path, notices: List[str], shown: Optional[str] = None) -> bool:

@@ -126,24 +126,31 @@ def _limit(size: tuple[int, int], max_side: Optional[int], warnings: list[str]) 
     return out
 
 
-def _check_file(path: Path, limits: InputLimits, exif: bool) -> int:
-    """Bytes of photo or mask ``path`` after checking its size, its content and its header's pixel count."""
+def _check_file(path: Path, limits: InputLimits, exif: bool) -> tuple[int, tuple[tuple[int, int], int]]:
+    """(bytes, `pixels.image_size` header) of photo or mask ``path``, after checking its size, its
+    content and its header's pixel count."""
     size = path.stat().st_size
     limits.check_bytes(path, size)
     if sniff(path) not in pixels.FORMATS:
         raise PipelineError(f"{path}: not a photo (its content is {describe(path)}, whatever its name says). "
                             "Remove it, or export it again as PNG or JPEG.")
-    (height, width), _ = pixels.image_size(path, exif)
+    header = pixels.image_size(path, exif)
+    (height, width), _ = header
     limits.check_pixels(path, height, width)
-    return size
+    return size, header
 
 
-def check_files(frames: list[Frame], limits: InputLimits, exif: bool, origin: str) -> None:
-    """The limits on count, bytes, content and pixels of every photo and mask, before any is decoded."""
+def check_files(frames: list[Frame], limits: InputLimits, exif: bool, origin: str) -> list[tuple[tuple[int, int], int]]:
+    """The limits on count, bytes, content and pixels of every photo and mask, before any is decoded;
+    returns the photos' headers ((H, W), EXIF orientation), in frame order."""
     limits.check_count(len(frames), origin)
-    total = sum(_check_file(f.image, limits, exif) + (_check_file(f.mask, limits, exif) if f.mask else 0)
-                for f in frames)
+    headers, total = [], 0
+    for frame in frames:
+        size, header = _check_file(frame.image, limits, exif)
+        headers.append(header)
+        total += size + (_check_file(frame.mask, limits, exif)[0] if frame.mask else 0)
     limits.check_total(total, origin)
+    return headers
 
 
 def _load_view(frame: Frame, size: tuple[int, int], intrinsics: Optional[np.ndarray], exif: bool):
@@ -192,8 +199,7 @@ def build_capture(
         )
     calibrated = frames[0].intrinsics is not None
     exif = not calibrated
-    check_files(frames, limits, exif, origin)
-    headers = [pixels.image_size(f.image, exif) for f in frames]
+    headers = check_files(frames, limits, exif, origin)
     sizes = [hw for hw, _ in headers]
     if calibrated:
         for index, (frame, size) in enumerate(zip(frames, sizes)):
