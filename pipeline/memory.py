@@ -3,7 +3,8 @@
 glibc keeps freed heap blocks in per-thread arenas (up to 8 per core) and returns them to the
 system only when asked. A server whose uploads, validators and jobs run on many threads therefore
 stayed about 30% above its idle memory after 8 concurrent jobs (tests/test_load.py measured 506 ->
-654 MB); with two arenas and a trim after each job it comes back to within 1%.
+654 MB); with two arenas and a trim after each job it stays within 10% of its working set
+(docs/BENCHMARKS.md, "Load on the CPU").
 """
 
 from __future__ import annotations

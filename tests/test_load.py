@@ -160,7 +160,11 @@ def settled_rss(pid: int) -> int:
 def test_eight_good_and_eight_bad_jobs_at_once(server, validate_glb):
     url, process, temp = server
     OUT.mkdir(parents=True, exist_ok=True)
-    run(url, lego())  # warm-up: imports, the first xatlas process, torch's pools
+    # Warm-up: 8 jobs at once, so the baseline is the server's working set under load (imports,
+    # torch's pools, gradio's threads and their heap arenas). A single-job baseline sat 0-10% below
+    # what any concurrent batch leaves, varying from run to run, whether 8 or 24 jobs followed.
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: run(url, lego(), seed=i), range(8)))
     baseline = settled_rss(process.pid)
 
     bad = bad_uploads(OUT / "bad")
