@@ -8,7 +8,7 @@ import torch
 import trimesh
 from scipy import ndimage, sparse
 
-from pipeline import export
+from pipeline import export, uv
 from pipeline.errors import PipelineError
 from pipeline.render import Rasterizer
 
@@ -116,34 +116,42 @@ def test_simplify_is_a_no_op_when_small_enough():
 
 
 # -------------------------------------------------------------------------------------- unwrap
-def test_unwrap_charts_are_disjoint_padded_and_fill_the_texture():
-    sphere = trimesh.creation.icosphere(subdivisions=3)
-    vertices, faces = export.simplify(sphere.vertices, sphere.faces, 600)
-    vmapping, new_faces, uvs = export.unwrap(vertices, faces, TEXTURE_SIZE)
+@pytest.mark.parametrize("face_count, size", [(600, TEXTURE_SIZE), (6000, 1024)])  # one piece; several (uv._spatial_pieces)
+def test_unwrap_charts_are_disjoint_padded_and_fill_the_texture(face_count, size):
+    sphere = trimesh.creation.icosphere(subdivisions=3 if face_count < 1280 else 5)
+    bumps = 1 + 0.15 * np.sin(7 * sphere.vertices[:, :1]) * np.sin(5 * sphere.vertices[:, 1:2])  # many charts
+    vertices, faces = export.simplify(sphere.vertices * (bumps if face_count > 1280 else 1), sphere.faces, face_count)
+    assert (len(uv._spatial_pieces(vertices, faces)) > 1) == (face_count > 5000)
+    vmapping, new_faces, uvs = export.unwrap(vertices, faces, size)
     assert new_faces.shape == faces.shape and uvs.shape == (len(vmapping), 2)
     np.testing.assert_array_equal(vertices[vmapping][new_faces], vertices[faces])  # same faces, same order
     assert uvs.min() >= 0 and uvs.max() <= 1
     assert uvs.max() > 0.85  # the layout uses the texture, not a corner of it
 
-    tri_map = uv_coverage(uvs, new_faces, TEXTURE_SIZE)
+    tri_map = uv_coverage(uvs, new_faces, size)
     d1 = uvs[new_faces[:, 1]] - uvs[new_faces[:, 0]]
     d2 = uvs[new_faces[:, 2]] - uvs[new_faces[:, 0]]
     uv_area = 0.5 * np.abs(d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0])  # [F]
     covered = (tri_map >= 0).sum()
     # Overlapping charts would cover fewer texels than their total area.
-    assert abs(covered - uv_area.sum() * TEXTURE_SIZE**2) < 0.03 * covered
-    assert covered > 0.3 * TEXTURE_SIZE**2
+    assert abs(covered - uv_area.sum() * size**2) < 0.03 * covered
+    assert covered > 0.3 * size**2
 
-    # Charts = connected components of faces sharing a (split) vertex; each is >= padding texels from the others.
+    # Charts = connected components of faces sharing a (split) vertex; texels of two different
+    # charts are >= padding texels apart.
     incidence = sparse.csr_matrix((np.ones(new_faces.size), (np.repeat(np.arange(len(new_faces)), 3), new_faces.ravel())))
     count, chart_of_face = sparse.csgraph.connected_components(incidence @ incidence.T, directed=False)
     chart_map = np.where(tri_map >= 0, chart_of_face[tri_map], -1)
-    padding = export.default_padding(TEXTURE_SIZE)
+    padding = export.default_padding(size)
     assert count > 1
-    for chart in range(count):
-        others = (chart_map >= 0) & (chart_map != chart)
-        distance = ndimage.distance_transform_edt(~others)
-        assert distance[chart_map == chart].min() >= padding, f"chart {chart} is closer than {padding} texels to another"
+    for dy in range(0, padding):
+        for dx in range(-padding + 1, padding):
+            if dy * dy + dx * dx >= padding * padding or (dy == 0 and dx <= 0):
+                continue
+            a = chart_map[:size - dy, max(0, -dx):size - max(0, dx)]
+            b = chart_map[dy:, max(0, dx):size - max(0, -dx)]
+            close = (a >= 0) & (b >= 0) & (a != b)
+            assert not close.any(), f"charts {a[close][0]} and {b[close][0]} are closer than {padding} texels"
 
 
 # ---------------------------------------------------------------------------------------- bake
