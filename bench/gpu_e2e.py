@@ -120,6 +120,20 @@ def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
             "chamfer_l1": scores["chamfer_l1"], "bbox_diag": scores["bbox_diag"]}
 
 
+def profile_lego(data: Path, config, out: Path, path: Path) -> None:
+    """One more lego run under torch.profiler (slower: not timed); the ops by GPU time and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    capture = load_capture(data / "lego", max_side=config.ingest.max_image_side)
+    fit, _ = split_holdout(capture, 10)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_pipeline(fit, config, out / "lego_profile")
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(table.table(sort_by=key, row_limit=30, max_name_column_width=60)
+                                 for key in ("self_cuda_time_total", "cpu_time_total", "self_cpu_time_total")))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -128,6 +142,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["lego", "spot", "bob"], action="append")
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_e2e"))
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--tag", default="", help="appended to the result file's name (settings being compared)")
+    parser.add_argument("--profile", type=Path, metavar="TXT",
+                        help="also run lego once under torch.profiler and write its op tables here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
@@ -144,11 +161,14 @@ def main() -> int:
     for name, obj in (("spot", "spot/spot.obj"), ("bob", "bob/bob_tri.obj")):
         if name in only:
             report[name] = bench_mesh(args.data, name, obj, config, args.out)
+    if args.profile:
+        profile_lego(args.data, config, args.out, args.profile)
     text = json.dumps(report, indent=2)
     print(text)
     args.results.mkdir(parents=True, exist_ok=True)
     gpu = report["gpu"].replace(" ", "-")
-    (args.results / f"gpu_e2e_{report['date']}_{gpu}_{commit}.json").write_text(text + "\n")
+    tag = f"_{args.tag}" if args.tag else ""
+    (args.results / f"gpu_e2e_{report['date']}_{gpu}_{commit}{tag}.json").write_text(text + "\n")
     return 0
 
 

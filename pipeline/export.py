@@ -369,7 +369,7 @@ def _to_export_frame(
     return out_vertices, out_normals, world_from_model @ np.linalg.inv(export_from_model)
 
 
-def _png_bytes(texture: np.ndarray) -> bytes:  # texture [h, w, 3] float in [0, 1], row 0 = top
+def texture_png(texture: np.ndarray) -> bytes:  # texture [h, w, 3] float in [0, 1], row 0 = top
     texture = np.asarray(texture)
     if not np.issubdtype(texture.dtype, np.floating) or texture.ndim != 3 or texture.shape[2] != 3:
         raise ValueError(f"texture must be float [h, w, 3] in [0, 1], got {texture.dtype} {texture.shape}")
@@ -393,6 +393,7 @@ def write_glb(
     scale: float = 1.0,
     normals: Optional[np.ndarray] = None,  # [V, 3]; default: vertex_normals
     double_sided: bool = False,
+    png: Optional[bytes] = None,  # ``texture`` already encoded by `texture_png` (spares encoding it again)
 ) -> np.ndarray:  # [4, 4] world_from_model of the GLB (GLB coordinates -> world), as stored
     """Write a binary glTF 2.0 file: one mesh, positions, normals, UVs, the texture as embedded PNG.
 
@@ -416,7 +417,7 @@ def write_glb(
         normals.astype("<f4").tobytes(),
         uvs.astype("<f4").tobytes(),
         faces.astype("<u4").tobytes(),
-        _png_bytes(texture),
+        png if png is not None else texture_png(texture),
     ]
     offsets = np.concatenate([[0], np.cumsum([len(_pad4(b)) for b in blobs])]).tolist()
     binary = b"".join(_pad4(b) for b in blobs)
@@ -516,6 +517,7 @@ def write_obj_zip(
     scale: float = 1.0,
     normals: Optional[np.ndarray] = None,  # [V, 3]; default: vertex_normals
     name: str = "model",
+    png: Optional[bytes] = None,  # ``texture`` already encoded by `texture_png` (spares encoding it again)
 ) -> np.ndarray:  # [4, 4] world_from_model of the OBJ coordinates, as in the header comment
     """Write ``name``.obj, ``name``.mtl and ``name``.png into a zip archive.
 
@@ -533,17 +535,23 @@ def write_obj_zip(
     obj.write("# pipeline.export: Y-up, centred; world_from_model maps these coordinates to the cameras' world\n")
     obj.write("# world_from_model " + " ".join(repr(float(x)) for x in world_from_obj.reshape(-1)) + "\n")
     obj.write(f"mtllib {name}.mtl\nusemtl baked\n")
-    np.savetxt(obj, positions, fmt="v %.8g %.8g %.8g")
-    np.savetxt(obj, np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1), fmt="vt %.8g %.8g")
-    np.savetxt(obj, normals, fmt="vn %.6g %.6g %.6g")
-    np.savetxt(obj, np.repeat(faces + 1, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")  # v/vt/vn share indices
+    obj.write(_format_rows("v %.8g %.8g %.8g\n", positions))
+    obj.write(_format_rows("vt %.8g %.8g\n", np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1)))
+    obj.write(_format_rows("vn %.6g %.6g %.6g\n", normals))
+    obj.write(_format_rows("f %d/%d/%d %d/%d/%d %d/%d/%d\n", np.repeat(faces + 1, 3, axis=1)))  # v/vt/vn share indices
     # Diffuse only (Ks 0), like the GLB's metallic 0 / roughness 1.
     mtl = f"newmtl baked\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {name}.png\n"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(f"{name}.obj", obj.getvalue())
         archive.writestr(f"{name}.mtl", mtl)
-        archive.writestr(f"{name}.png", _png_bytes(texture))
+        # The PNG is compressed already: stored as is.
+        archive.writestr(f"{name}.png", png if png is not None else texture_png(texture), compress_type=zipfile.ZIP_STORED)
     return world_from_obj
+
+
+def _format_rows(row: str, values: np.ndarray) -> str:  # one printf-style ``row`` per row of ``values`` [n, k]
+    """What ``np.savetxt`` writes, in one C-level format call instead of a Python loop over rows."""
+    return (row * len(values)) % tuple(values.reshape(-1).tolist())
 
 
 # ------------------------------------------------------------------------------- pipeline stage
@@ -573,8 +581,10 @@ def export_textured_mesh(
         positions = corner_positions(mesh)
     glb = out_dir / f"{name}.glb"
     archive = out_dir / f"{name}_obj.zip"
-    world_from_model = write_glb(glb, positions, faces_uv, uvs, texture, world_from_normalised, unlit=unlit, up=up)
-    write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name)
+    png = texture_png(texture)
+    world_from_model = write_glb(glb, positions, faces_uv, uvs, texture, world_from_normalised, unlit=unlit, up=up,
+                                 png=png)
+    write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name, png=png)
     return {"glb": glb, "zip": archive, "world_from_model": world_from_model}
 
 

@@ -195,7 +195,11 @@ def refine(
 
     total = config.iterations
     geometry_steps = total // 2
-    sampler = _ViewSampler(len(photos), min(config.views_per_step, len(photos)), rng)
+    # Every step's views and background colours, drawn up front and moved to the device once: a
+    # per-step host-to-device copy would synchronise, and the CPU could no longer queue the next
+    # step while the GPU runs this one.
+    schedule = _view_schedule(len(photos), min(config.views_per_step, len(photos)), total, rng).to(device)
+    backgrounds = torch.rand(total, schedule.shape[1], 1, 1, 3, generator=generator).to(device)
     previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
                            config.preview_every_s, device)
     adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
@@ -203,7 +207,7 @@ def refine(
     if adjust_poses:
         poses = PoseCorrections(cameras, clip_mats, device)
         groups.append({"params": [poses.delta], "lr": config.pose_lr})
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), fused=device.type == "cuda")
 
     def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
         check_cancel(cancel)
@@ -213,8 +217,7 @@ def refine(
         optimizer.param_groups[1]["lr"] = config.texture_lr * decay
         if adjust_poses:
             optimizer.param_groups[2]["lr"] = config.pose_lr * decay
-        views = sampler.next().to(device)
-        background = torch.rand(len(views), 1, 1, 3, generator=generator).to(device)
+        views, background = schedule[step], backgrounds[step]
         rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
         target_alpha = alphas[views]
         target = photos[views] * target_alpha + background * (1 - target_alpha)
@@ -338,19 +341,13 @@ def _texture_smoothness(appearance: Tensor) -> Tensor:
             + (appearance[:, :, 1:] - appearance[:, :, :-1]).abs().mean())
 
 
-class _ViewSampler:
-    """Random batches of views, every view once per epoch."""
-
-    def __init__(self, count: int, batch: int, rng: np.random.Generator):
-        self.count, self.batch, self.rng = count, batch, rng
-        self.order, self.cursor = rng.permutation(count), 0
-
-    def next(self) -> Tensor:  # [batch] int64
-        if self.cursor + self.batch > self.count:
-            self.order, self.cursor = self.rng.permutation(self.count), 0
-        views = self.order[self.cursor:self.cursor + self.batch]
-        self.cursor += self.batch
-        return torch.from_numpy(views)
+def _view_schedule(count: int, batch: int, steps: int, rng: np.random.Generator) -> Tensor:  # [steps, batch] int64
+    """The views of every step: random batches, every view once per epoch (a shuffled order, cut
+    into batches; the few left over at an epoch's end wait for the next shuffle)."""
+    per_epoch = count // batch
+    epochs = max(1, -(-steps // per_epoch))
+    order = np.stack([rng.permutation(count)[:per_epoch * batch] for _ in range(epochs)])  # [epochs, per_epoch*batch]
+    return torch.from_numpy(order.reshape(-1, batch)[:steps])
 
 
 class _Previewer:

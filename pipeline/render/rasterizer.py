@@ -65,6 +65,7 @@ class Rasterizer:
         self.device = torch.device(device)
         self._dr = None
         self._ctx = None
+        self._topology = None  # (tri, its version, hash): see _topology_hash
         if backend == "auto":
             backend = "torch"
             if self.device.type == "cuda":
@@ -246,8 +247,19 @@ class Rasterizer:
         if color.dim() != 4 or tuple(color.shape[:3]) != tuple(rast.shape[:3]):
             raise ValueError(f"color must be [B, H, W, C] matching rast {tuple(rast.shape[:3])}, got {tuple(color.shape)}")
         if self._dr is not None:
-            return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.contiguous())
+            tri = tri.contiguous()
+            return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri,
+                                      topology_hash=self._topology_hash(tri))
         return torch_backend.antialias(color, rast, pos, tri)
+
+    def _topology_hash(self, tri: Tensor):  # nvdiffrast's edge hash of ``tri``, kept while ``tri`` is unchanged
+        """nvdiffrast builds this hash on every antialias call unless it is given; an optimisation
+        renders the same faces thousands of times. Kept for the same tensor object at the same
+        version (the cache holds the tensor, so its memory cannot be reused by another one): an
+        in-place change of ``tri`` or another tensor rebuilds it."""
+        if self._topology is None or self._topology[0] is not tri or self._topology[1] != tri._version:
+            self._topology = (tri, tri._version, self._dr.antialias_construct_topology_hash(tri))
+        return self._topology[2]
 
 
 def _warn_fallback_once() -> None:
