@@ -48,6 +48,8 @@ def run_pipeline(capture, config, out_dir: Path) -> tuple[events.Result, dict]:
             result = event
         elif isinstance(event, events.Metrics) and event.stage == "hull":
             refine_steps["faces"] = event.values["faces"]
+        elif isinstance(event, events.Metrics) and "geometry_ms_per_step" in event.values:
+            refine_steps.update(event.values)
     return result, refine_steps
 
 
@@ -93,6 +95,10 @@ def bench_lego(data: Path, config, out: Path) -> dict:
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
     height = min(refine.render_resolution, capture.resolution[0])
     raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size)
+    # The loops alone (the stage's time less its one-off setup: photo projection, atlas wait, bake).
+    geometry_steps = refine.iterations // 2
+    loop_ms = (info["geometry_ms_per_step"] * geometry_steps
+               + info["texture_ms_per_step"] * (refine.iterations - geometry_steps)) / max(refine.iterations, 1)
     return {
         "views_train": len(fit), "views_heldout": len(held), "resolution": list(capture.resolution),
         "e2e_seconds": e2e, "stage_seconds": result.timings,
@@ -100,6 +106,9 @@ def bench_lego(data: Path, config, out: Path) -> dict:
         "train_psnr": result.metrics.get("train_psnr"),
         "refine_iterations": refine.iterations, "refine_iters_per_second": refine.iterations / result.timings["refine"],
         "refine_ms_per_iter": refine_ms, "raw_ms_per_iter": raw_ms, "refine_over_raw": refine_ms / raw_ms,
+        "loop_ms_per_iter": loop_ms, "loop_over_raw": loop_ms / raw_ms,
+        "geometry_ms_per_step": info["geometry_ms_per_step"], "texture_ms_per_step": info["texture_ms_per_step"],
+        "atlas_wait_seconds": info["atlas_wait_seconds"], "texture_setup_seconds": info["texture_setup_seconds"],
         "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
     }
 

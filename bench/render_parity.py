@@ -108,9 +108,8 @@ def topology_cache_error(scene: dict) -> float:
     res = scene["res"]
     worst = 0.0
     for change in (False, False, True):  # build, reuse, then rebuild after the faces change in place
-        if change:
-            half = len(tri) // 2
-            tri[:half] = tri[half:2 * half].flip(1)  # another topology, same tensor and shape
+        if change:  # the same triangles in reverse order: a stale hash would name the wrong ones
+            tri.copy_(tri.flip(0))
         outs = []
         for ours in (True, False):
             pos = scene["clip"].clone().requires_grad_(True)

@@ -31,18 +31,23 @@ class Cancelled(Exception):
     """Raised inside the pipeline when the caller's cancel() returned True."""
 
 
-def uniform_laplacian(faces: Tensor, num_vertices: int) -> Tensor:  # sparse [V, V]
-    """L = I - D^-1 A of the mesh graph: L v is each vertex minus the mean of its neighbours."""
-    f = faces.long()
-    edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    edges = torch.cat([edges, edges.flip(1)])
-    edges = torch.unique(edges, dim=0)
-    deg = torch.bincount(edges[:, 0], minlength=num_vertices).clamp(min=1).to(torch.float32)
-    values = -1.0 / deg[edges[:, 0]]
-    diag = torch.arange(num_vertices, device=faces.device)
-    index = torch.cat([edges.T, torch.stack([diag, diag])], dim=1)
-    values = torch.cat([values, torch.ones(num_vertices, device=faces.device)])
-    return torch.sparse_coo_tensor(index, values, (num_vertices, num_vertices), check_invariants=False).coalesce()
+class UniformLaplacian:
+    """L = I - D^-1 A of a mesh graph: ``L(v)`` is each vertex minus the mean of its neighbours.
+
+    A gather and a scatter over the edge list rather than a sparse matrix product: the backward of
+    ``torch.sparse.mm`` transposes (sorts) the matrix on every step."""
+
+    def __init__(self, faces: Tensor, num_vertices: int):  # faces [F, 3]
+        f = faces.long()
+        edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+        edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # [E, 2] each undirected edge both ways
+        self.vertex, self.neighbour = edges[:, 0].contiguous(), edges[:, 1].contiguous()
+        degree = torch.bincount(self.vertex, minlength=num_vertices).clamp(min=1)
+        self.inverse_degree = (1.0 / degree.to(torch.float32))[:, None]  # [V, 1]
+
+    def __call__(self, vertices: Tensor) -> Tensor:  # [V, 3] -> [V, 3]
+        neighbour_sum = torch.zeros_like(vertices).index_add_(0, self.vertex, vertices[self.neighbour])
+        return vertices - neighbour_sum * self.inverse_degree
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-weighted unit normals
@@ -188,7 +193,7 @@ def refine(
     )
     faces_t = torch.from_numpy(np.ascontiguousarray(faces)).to(device=device, dtype=torch.int32)
     verts = torch.from_numpy(np.ascontiguousarray(vertices)).to(device=device, dtype=torch.float32)
-    laplacian = uniform_laplacian(faces_t, len(verts))
+    laplacian = UniformLaplacian(faces_t, len(verts))
     colors, _ = PhotoProjector(rasterizer, verts, faces_t, **full_views)(verts, vertex_normals(verts, faces_t))
     verts.requires_grad_(True)
     colors.requires_grad_(True)
@@ -222,7 +227,7 @@ def refine(
         target_alpha = alphas[views]
         target = photos[views] * target_alpha + background * (1 - target_alpha)
         loss = ((rgb - target).abs().mean() + config.mask_weight * ((alpha - target_alpha) ** 2).mean()
-                + config.smoothness * (torch.sparse.mm(laplacian, verts) ** 2).sum(1).mean()
+                + config.smoothness * (laplacian(verts) ** 2).sum(1).mean()
                 + config.texture_smoothness * _texture_smoothness(appearance))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -234,14 +239,17 @@ def refine(
     def by_colors(mats: Tensor, background: Tensor):
         return render_colored(rasterizer, verts, faces_t, colors, mats, (height, width), background)
 
+    clock = _Clock(device)
     for step in range(geometry_steps):
         loss = fit_step(step, by_colors, colors)
         yield from previewer.maybe(step, total, by_colors, loss)
+    geometry_seconds = clock.lap()
 
     while not atlas.ready():  # pass 2 needs the atlas; it has usually been ready for a while
         check_cancel(cancel)
         yield Progress(STAGE, geometry_steps / max(total, 1), "waiting for the UV atlas")
         time.sleep(0.05)
+    atlas_wait_seconds = clock.lap()
     _, faces_uv, uvs = atlas.result()
     faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
     uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
@@ -261,9 +269,15 @@ def refine(
         return render_textured(rasterizer, verts, faces_t, uvs_t, faces_uv_t, texture, mats, (height, width),
                                background)
 
+    texture_setup_seconds = clock.lap()
     for step in range(geometry_steps, total):
         loss = fit_step(step, by_texture, texture)
         yield from previewer.maybe(step, total, by_texture, loss)
+    texture_seconds = clock.lap()
+    yield Metrics(STAGE, {  # where the stage's time went; the loops' figures exclude the one-off setup
+        "geometry_ms_per_step": 1000 * geometry_seconds / max(geometry_steps, 1),
+        "texture_ms_per_step": 1000 * texture_seconds / max(total - geometry_steps, 1),
+        "atlas_wait_seconds": atlas_wait_seconds, "texture_setup_seconds": texture_setup_seconds})
 
     mesh = TexturedMesh(
         vertices=verts.detach().cpu().numpy().astype(np.float32),
@@ -326,6 +340,24 @@ class PoseCorrections:
             shift = self.delta[:, 3:].norm(dim=1)
         return {"pose_correction_deg_median": float(degrees.median()), "pose_correction_deg_max": float(degrees.max()),
                 "pose_correction_shift_median": float(shift.median())}
+
+
+class _Clock:
+    """Seconds between calls, with the device's queued work finished at each (two syncs per pass)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 def check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
