@@ -34,6 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ui.layout import build_app  # noqa: PLC0415
 
     limit_heap_arenas()  # before the server's threads: see pipeline/memory.py
+    from pipeline.reconstruct import preload  # noqa: PLC0415
+
+    preload()
 
     app = build_app()
     # `docker stop` and Spaces send SIGTERM: leave through the same cleanup as Ctrl-C.

@@ -82,9 +82,9 @@ def render_colored(
 
 def _composite(rasterizer, color, rast, clip, faces, background):
     """Put the shaded surface over the background and anti-alias silhouettes (colour and coverage)."""
-    alpha = (rast[..., 3:4] > 0).to(color.dtype)
-    color = color * alpha if background is None else color * alpha + background * (1 - alpha)
-    out = rasterizer.antialias(torch.cat([color, alpha], dim=-1), rast, clip, faces)
+    covered = rast[..., 3:4] > 0
+    color = torch.where(covered, color, 0.0 if background is None else background)
+    out = rasterizer.antialias(torch.cat([color, covered.to(color.dtype)], dim=-1), rast, clip, faces)
     return out[..., :3], out[..., 3:4]
 
 

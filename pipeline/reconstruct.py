@@ -37,6 +37,12 @@ OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Low
                      "faces', 'Texture size' or 'Max image side' (or choose the fast preset) and run again.")
 
 
+def preload() -> None:
+    """Import now what a first job would otherwise import on its clock: constructing a torch
+    optimizer imports ``torch._dynamo`` (about 3 s, once per process). The app calls this at start."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def holdout_mask(count: int, every: int) -> np.ndarray:  # [count] bool, True = held out
     """Every ``every``-th view is held out (none when 0)."""
     return np.arange(count) % every == every - 1 if every > 0 else np.zeros(count, dtype=bool)

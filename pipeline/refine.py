@@ -46,7 +46,8 @@ class UniformLaplacian:
         self.inverse_degree = (1.0 / degree.to(torch.float32))[:, None]  # [V, 1]
 
     def __call__(self, vertices: Tensor) -> Tensor:  # [V, 3] -> [V, 3]
-        neighbour_sum = torch.zeros_like(vertices).index_add_(0, self.vertex, vertices[self.neighbour])
+        # index_select, not vertices[...]: its backward is an index_add, not a sorting index_put.
+        neighbour_sum = torch.zeros_like(vertices).index_add_(0, self.vertex, vertices.index_select(0, self.neighbour))
         return vertices - neighbour_sum * self.inverse_degree
 
 
@@ -178,6 +179,7 @@ def refine(
     refinement, the corrected cameras (normalised frame; else None).
     """
     device = rasterizer.device
+    clock = _Clock(device)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     height, width = render_resolution(images.shape[1:3], config.render_resolution)
@@ -226,8 +228,8 @@ def refine(
         rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
         target_alpha = alphas[views]
         target = photos[views] * target_alpha + background * (1 - target_alpha)
-        loss = ((rgb - target).abs().mean() + config.mask_weight * ((alpha - target_alpha) ** 2).mean()
-                + config.smoothness * (laplacian(verts) ** 2).sum(1).mean()
+        loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
+                + config.smoothness * laplacian(verts).square().sum(1).mean()
                 + config.texture_smoothness * _texture_smoothness(appearance))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,7 +241,7 @@ def refine(
     def by_colors(mats: Tensor, background: Tensor):
         return render_colored(rasterizer, verts, faces_t, colors, mats, (height, width), background)
 
-    clock = _Clock(device)
+    setup_seconds = clock.lap()
     for step in range(geometry_steps):
         loss = fit_step(step, by_colors, colors)
         yield from previewer.maybe(step, total, by_colors, loss)
@@ -277,7 +279,8 @@ def refine(
     yield Metrics(STAGE, {  # where the stage's time went; the loops' figures exclude the one-off setup
         "geometry_ms_per_step": 1000 * geometry_seconds / max(geometry_steps, 1),
         "texture_ms_per_step": 1000 * texture_seconds / max(total - geometry_steps, 1),
-        "atlas_wait_seconds": atlas_wait_seconds, "texture_setup_seconds": texture_setup_seconds})
+        "setup_seconds": setup_seconds, "atlas_wait_seconds": atlas_wait_seconds,
+        "texture_setup_seconds": texture_setup_seconds})
 
     mesh = TexturedMesh(
         vertices=verts.detach().cpu().numpy().astype(np.float32),
