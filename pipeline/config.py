@@ -45,16 +45,16 @@ class HullConfig:
 
 @dataclass
 class RefineConfig:
-    iterations: int = param(1500, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
+    iterations: int = param(800, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
     geometry_lr: float = param(5e-3, "Learning rate of the vertex positions (scene units)", 0.0, 2e-2, 1e-4)
     texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
     smoothness: float = param(2.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
     mask_weight: float = param(1.0, "Weight of the silhouette (mask) loss", 0.0, 10.0, 0.1)
     render_resolution: int = param(512, "Longer side of the renders compared with the photos (pixels; at most the photos')", 64, 2048, 32)
-    views_per_step: int = param(4, "Photos compared per optimisation step", 1, 32, 1)
+    views_per_step: int = param(24, "Photos compared per optimisation step", 1, 32, 1)
     texture_size: int = param(2048, "Texture atlas size (pixels per side)", 128, 4096, 128)
-    mesh_faces: int = param(40000, "Triangles of the mesh being optimised", 2000, 400000, 1000)
+    mesh_faces: int = param(80000, "Triangles of the mesh being optimised", 2000, 400000, 1000)
     pose_refinement: str = param("auto", "Correct each photo's camera a little while fitting: auto = only when the "
                                  "cameras were estimated (structure from motion or turntable), not for a camera file",
                                  choices=("auto", "on", "off"))
@@ -65,7 +65,7 @@ class RefineConfig:
 
 @dataclass
 class ExportConfig:
-    target_faces: int = param(40000, "Triangles in the exported model", 1000, 400000, 1000)
+    target_faces: int = param(80000, "Triangles in the exported model", 1000, 400000, 1000)
     unlit: bool = param(False, "Write the texture as unlit (shows the photo colours as captured)")
 
 
@@ -83,7 +83,8 @@ STAGES = ("ingest", "cameras", "hull", "refine", "export")
 PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {
         "ingest.max_image_side": 256, "hull.grid_resolution": 96, "refine.iterations": 200,
-        "refine.render_resolution": 128, "refine.texture_size": 1024, "refine.mesh_faces": 10000,
+        "refine.render_resolution": 128, "refine.views_per_step": 4, "refine.texture_size": 1024,
+        "refine.mesh_faces": 10000,
         "export.target_faces": 10000,
     },
     "balanced": {},

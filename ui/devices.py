@@ -76,11 +76,12 @@ class DevicePool:
 def gpu_seconds(capture: Capture, config: ReconstructionConfig) -> int:
     """How long to reserve a ZeroGPU for one run: generous, since running out kills the job.
 
-    Rough H100-class costs: fixed work (hull, unwrap, export) plus each refine step, which
-    grows with the views per step and the render size.
+    Fixed work (hull, unwrap, export) plus each refine step, which grows with the views per step
+    and the render size: about 0.23 ms per view at 400-512 px measured on the H200
+    (docs/BENCHMARKS.md), reserved at about ten times that.
     """
     pixels = (config.refine.render_resolution / 512) ** 2
-    per_step = 0.02 * config.refine.views_per_step * max(pixels, 0.25)
+    per_step = 0.003 * config.refine.views_per_step * max(pixels, 0.25)
     fixed = 30 + len(capture) * 0.2 + config.refine.texture_size / 256
     return int(fixed + config.refine.iterations * per_step) + 30
 
