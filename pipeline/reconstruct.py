@@ -284,7 +284,7 @@ def reconstruct(
 def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel, estimated_cameras):
     """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
     second failure is a PipelineError that says which settings to lower."""
-    first = settings.render_resolution
+    first = min(settings.render_resolution, max(fit.images.shape[1:3]))  # renders are at most the photos' size
     lower = max(MIN_RETRY_RESOLUTION, first // 2 // 32 * 32)
     for resolution in [first, lower] if lower < first else [first]:
         if resolution != first:

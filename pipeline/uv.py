@@ -16,6 +16,10 @@ from .errors import PipelineError
 
 _PACK_TRIES = 8
 _FACES_PER_PIECE = 2500  # see _spatial_pieces
+# The first packing only measures the charts' extent at a low density: packing time grows with the
+# atlas's area, so this costs ~0.3 s where a first guess at the final size (0.8) cost ~2 s for 90k
+# faces; secant steps then reach the texture size (see unwrap).
+_FIRST_PACK_DENSITY = 0.25
 
 
 def default_padding(texture_size: int) -> int:
@@ -44,8 +48,8 @@ def unwrap(
     bilinear margin, so bilinear and the first mip levels never mix two charts. The charts are
     packed in whole texels of the final texture (re-packed at a corrected density when xatlas's
     atlas does not fit it), so the padding is exact. The mesh is unwrapped in spatial pieces
-    (`_spatial_pieces`), whose borders are chart seams. Cost on two CPU cores: ~3 s for 40k faces,
-    ~5 s for 100k (one piece: 10 s and 20 s).
+    (`_spatial_pieces`), whose borders are chart seams. Cost on two CPU cores: ~4 s for 40k faces,
+    ~7 s for 90k (as one piece with a first packing at the final size: 14 s and 20 s).
     """
     vertices = np.ascontiguousarray(vertices, dtype=np.float32)
     faces = np.ascontiguousarray(faces, dtype=np.uint32)
@@ -55,13 +59,12 @@ def unwrap(
     if not area > 0:
         raise PipelineError("cannot unwrap a mesh with no surface area (all faces degenerate)")
 
-    # Charts and a first packing at a density guessed from the area (xatlas fills 60-70% of its
-    # atlas). The atlas is sized to fit the charts, so it may be too large or too small for the
-    # texture; the same charts are then re-packed (cheap: the chart computation is not redone) at
-    # a corrected density. The packer is not monotonic in the density, hence a few tries,
+    # Charts and a first, small packing at a low density (_FIRST_PACK_DENSITY). The atlas is
+    # sized to fit the charts, so it is too small for the texture; the same charts are then
+    # re-packed (the chart computation is not redone) at a corrected density. The packer is not monotonic in the density, hence a few tries,
     # keeping the largest layout that fits. The padding makes the extent affine, not proportional,
     # in the density: secant steps after the first correction (2-3 packs instead of 4-5).
-    texels_per_unit = 0.8 * size / np.sqrt(area)
+    texels_per_unit = _FIRST_PACK_DENSITY * size / np.sqrt(area)
     atlas = xatlas.Atlas()
     pieces = _spatial_pieces(vertices, faces)
     used_by_piece = []
@@ -111,8 +114,8 @@ def _spatial_pieces(vertices: np.ndarray, faces: np.ndarray) -> list:  # [n] arr
     median cuts along the longest side).
 
     xatlas computes the charts of separate meshes in parallel threads, and its chart growing slows
-    down faster than linearly with the mesh: 40k faces unwrap in 10 s as one mesh and in 2.9 s as 16
-    pieces (2 cores), with 8% more charts (the cuts become seams)."""
+    down faster than linearly with the mesh: the charts and first packing of 40k faces take 10 s as
+    one mesh and 2.9 s as 16 pieces (2 cores), with 8% more charts (the cuts become seams)."""
     centroids = vertices[faces.astype(np.int64)].mean(1)  # [F, 3]
     pieces = [np.arange(len(faces))]
     while len(pieces[0]) > 2 * _FACES_PER_PIECE:
