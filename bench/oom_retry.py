@@ -60,7 +60,7 @@ def job(capture, overrides: dict) -> dict:
                 if isinstance(event, events.Warning):
                     notices.append(event.message)
                 elif isinstance(event, events.Result):
-                    outcome = f"GLB written, held-out PSNR {event.metrics.get('heldout_psnr', float('nan')):.2f} dB"
+                    outcome = f"GLB written, train PSNR {event.metrics['train_psnr']:.2f} dB"
         except PipelineError as error:
             outcome = f"PipelineError: {error}"
     torch.cuda.synchronize()
@@ -74,7 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--cap-gb", type=float, default=0.6, help="GPU memory the refinement may use")
-    parser.add_argument("--views", type=int, default=32, help="views per step of the job that must not fit")
+    parser.add_argument("--views", type=int, default=32, choices=range(1, 33), metavar="1..32",
+                        help="views per step of the job that must not fit (refine.views_per_step's range)")
     args = parser.parse_args()
 
     cap_refinement(int(args.cap_gb * 2**30))

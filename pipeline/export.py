@@ -541,7 +541,8 @@ def write_obj_zip(
     obj.write(_format_rows("f %d/%d/%d %d/%d/%d %d/%d/%d\n", np.repeat(faces + 1, 3, axis=1)))  # v/vt/vn share indices
     # Diffuse only (Ks 0), like the GLB's metallic 0 / roughness 1.
     mtl = f"newmtl baked\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {name}.png\n"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    # Level 1: the OBJ text deflates 5x faster than at the default 6; the archive, mostly the PNG, grows ~5%.
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         archive.writestr(f"{name}.obj", obj.getvalue())
         archive.writestr(f"{name}.mtl", mtl)
         # The PNG is compressed already: stored as is.
