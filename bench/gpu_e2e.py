@@ -96,9 +96,7 @@ def bench_lego(data: Path, config, out: Path) -> dict:
     height = min(refine.render_resolution, capture.resolution[0])
     raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size)
     # The loops alone (the stage's time less its one-off setup: photo projection, atlas wait, bake).
-    geometry_steps = refine.iterations // 2
-    loop_ms = (info["geometry_ms_per_step"] * geometry_steps
-               + info["texture_ms_per_step"] * (refine.iterations - geometry_steps)) / max(refine.iterations, 1)
+    loop_ms = info["loop_ms_per_step"]
     return {
         "views_train": len(fit), "views_heldout": len(held), "resolution": list(capture.resolution),
         "e2e_seconds": e2e, "stage_seconds": result.timings,

@@ -23,6 +23,7 @@ from .evaluate import compare_views
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
+from .mesh import render_resolution
 from .importers import save_cameras_json
 from .normalize import cameras_in_world, estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, check_cancel, refine
@@ -284,7 +285,7 @@ def reconstruct(
 def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel, estimated_cameras):
     """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
     second failure is a PipelineError that says which settings to lower."""
-    first = min(settings.render_resolution, max(fit.images.shape[1:3]))  # renders are at most the photos' size
+    first = max(render_resolution(fit.images.shape[1:3], settings.render_resolution))  # the longer side rendered
     lower = max(MIN_RETRY_RESOLUTION, first // 2 // 32 * 32)
     for resolution in [first, lower] if lower < first else [first]:
         if resolution != first:

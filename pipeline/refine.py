@@ -280,6 +280,7 @@ def refine(
     yield Metrics(STAGE, {  # where the stage's time went; the loops' figures exclude the one-off setup
         "geometry_ms_per_step": 1000 * geometry_seconds / max(geometry_steps, 1),
         "texture_ms_per_step": 1000 * texture_seconds / max(total - geometry_steps, 1),
+        "loop_ms_per_step": 1000 * (geometry_seconds + texture_seconds) / max(total, 1),
         "setup_seconds": setup_seconds, "atlas_wait_seconds": atlas_wait_seconds,
         "texture_setup_seconds": texture_setup_seconds})
 
