@@ -28,22 +28,19 @@ import json
 import struct
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import fast_simplification
 import numpy as np
-import torch
 import trimesh
 from PIL import Image
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from .errors import PipelineError
-from .mesh import TexturedMesh
+from .mesh import TexturedMesh, welded_vertex_normals
+from .refine.appearance import bake_texture, colors_from_texture, corner_positions
 from .render import Rasterizer
-from .uv import default_padding, unwrap
+from .uv import unwrap
 
-ColorFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (points [P, 3], normals [P, 3]) -> rgb [P, 3]
 PathLike = Union[str, Path]
 
 # glTF / GLB constants (glTF 2.0 specification).
@@ -80,232 +77,6 @@ def simplify(
     faces = faces[keep]
     used, faces = np.unique(faces, return_inverse=True)
     return vertices[used], faces.reshape(-1, 3)
-
-
-# ------------------------------------------------------------------------------------------- bake
-def vertex_normals(
-    vertices: np.ndarray,  # [V, 3]
-    faces: np.ndarray,  # [F, 3]
-) -> np.ndarray:  # [V, 3] float32, unit length
-    """Area-weighted vertex normals, shared by vertices at the same position.
-
-    Vertices that xatlas split along a seam sit at exactly the same position; averaging over all
-    of them keeps the shading continuous across UV seams. Vertices of no (or only degenerate)
-    faces get +Y, so every normal is unit length (the glTF validator requires it).
-    """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    _, weld = np.unique(vertices, axis=0, return_inverse=True)  # [V] welded index
-    weld = weld.reshape(-1)
-    tri = vertices[faces]  # [F, 3, 3]
-    face_normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
-    sums = np.zeros((weld.max() + 1, 3))
-    np.add.at(sums, weld[faces].reshape(-1), np.repeat(face_normal, 3, axis=0))
-    normals = sums[weld]
-    length = np.linalg.norm(normals, axis=1, keepdims=True)
-    normals = np.where(length > 1e-20, normals / np.maximum(length, 1e-20), [0.0, 1.0, 0.0])
-    return normals.astype(np.float32)
-
-
-def bake_texture(
-    vertices: np.ndarray,  # [V, 3]
-    faces: np.ndarray,  # [F, 3]
-    uvs: np.ndarray,  # [V, 2] per vertex or [F, 3, 2] per corner, glTF convention
-    colors_at: ColorFn,
-    texture_size: int = 1024,
-    *,
-    border: Optional[int] = None,
-    rasterizer: Optional[Rasterizer] = None,
-    chunk: int = 1 << 16,
-) -> np.ndarray:  # [texture_size, texture_size, 3] float32 in [0, 1]
-    """Bake ``colors_at`` over the surface into a texture for the given UV layout.
-
-    1. The mesh is rasterized in UV space (clip position (2u - 1, 2v - 1, 0, 1); the rasterizer's
-       row 0 is at v = 0, the texture's first row) and the 3D position and normal of every texel
-       centre inside a triangle are interpolated.
-    2. Texels within ``border`` texels (default ``default_padding``) outside the charts, which
-       bilinear and mip-mapped sampling read, are shaded too: at the point of the nearest chart
-       texel's triangle closest to them (barycentrics clamped), i.e. conservative rasterization.
-    3. ``colors_at(points [P, 3] float32, normals [P, 3] float32) -> [P, 3]`` is called in chunks
-       of ``chunk`` points; non-finite colours mean "unseen".
-    4. Every texel still without a colour (unseen, or in the empty space between charts) takes
-       the colour of the nearest coloured texel (one exact Euclidean distance transform), so no
-       black seams appear at any mip level.
-
-    To re-bake a texture from another UV layout or another mesh, use ``colors_from_texture``.
-    """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    uvs = np.asarray(uvs, dtype=np.float64)
-    size = int(texture_size)
-    border = default_padding(size) if border is None else int(border)
-    normals = vertex_normals(vertices, faces).astype(np.float64)
-    if uvs.ndim == 3:  # per corner: one rasterizer vertex per face corner
-        if uvs.shape != (len(faces), 3, 2):
-            raise ValueError(f"per-corner uvs must be [{len(faces)}, 3, 2], got {uvs.shape}")
-        vertices, normals = vertices[faces].reshape(-1, 3), normals[faces].reshape(-1, 3)
-        uvs = uvs.reshape(-1, 2)
-        faces = np.arange(3 * len(faces)).reshape(-1, 3)
-    elif uvs.shape != (len(vertices), 2):
-        raise ValueError(f"uvs must be [{len(vertices)}, 2] or [F, 3, 2], got {uvs.shape}")
-
-    rasterizer = rasterizer or Rasterizer(backend="auto")
-    device = rasterizer.device
-    clip = np.concatenate([2 * uvs - 1, np.zeros((len(uvs), 1)), np.ones((len(uvs), 1))], axis=1)
-    pos = torch.as_tensor(clip, dtype=torch.float32, device=device)[None]  # [1, V, 4]
-    tri = torch.as_tensor(faces, dtype=torch.int32, device=device)
-    rast, _ = rasterizer.rasterize(pos, tri, (size, size), grad_db=False)
-    attr = torch.as_tensor(np.concatenate([vertices, normals], axis=1), dtype=torch.float32, device=device)
-    interp, _ = rasterizer.interpolate(attr[None], rast, tri)
-    interp = interp[0].cpu().numpy()  # [H, W, 6]
-    tri_map = rast[0, ..., 3].cpu().numpy().astype(np.int64) - 1  # [H, W], -1 = no triangle
-    covered = tri_map >= 0
-    if not covered.any():
-        raise PipelineError(f"the UV layout covers no texel centre of a {size} x {size} texture")
-
-    # Border texels: barycentrics of the texel centre in the nearest chart texel's triangle.
-    dist, (near_r, near_c) = ndimage.distance_transform_edt(~covered, return_indices=True)
-    ring_r, ring_c = np.nonzero(~covered & (dist <= border))
-    ring_tri = faces[tri_map[near_r[ring_r, ring_c], near_c[ring_r, ring_c]]]  # [R, 3]
-    texel_uv = np.stack([(ring_c + 0.5) / size, (ring_r + 0.5) / size], axis=1)  # [R, 2]
-    bary = np.clip(_barycentric_2d(uvs[ring_tri], texel_uv), 0.0, None)
-    bary /= bary.sum(axis=1, keepdims=True)
-    ring_pos = np.einsum("rk,rkc->rc", bary, vertices[ring_tri])
-    ring_nrm = np.einsum("rk,rkc->rc", bary, normals[ring_tri])
-
-    rows = np.concatenate([np.nonzero(covered)[0], ring_r])
-    cols = np.concatenate([np.nonzero(covered)[1], ring_c])
-    points = np.concatenate([interp[covered, :3], ring_pos]).astype(np.float32)
-    point_normals = np.concatenate([interp[covered, 3:], ring_nrm])
-    point_normals /= np.maximum(np.linalg.norm(point_normals, axis=1, keepdims=True), 1e-12)
-    point_normals = point_normals.astype(np.float32)
-    colors = np.concatenate(
-        [np.asarray(colors_at(points[s : s + chunk], point_normals[s : s + chunk]), dtype=np.float32)
-         for s in range(0, len(points), chunk)]
-    )
-    if colors.shape != (len(points), 3):
-        raise ValueError(f"colors_at must return [P, 3] colours, got {colors.shape} for {len(points)} points")
-
-    texture = np.zeros((size, size, 3), np.float32)
-    valid = np.zeros((size, size), bool)
-    seen = np.isfinite(colors).all(axis=1)
-    texture[rows[seen], cols[seen]] = np.clip(colors[seen], 0.0, 1.0)
-    valid[rows[seen], cols[seen]] = True
-    if not valid.any():
-        raise PipelineError("no texel of the surface has a colour (colors_at returned only non-finite values)")
-    return fill_empty_texels(texture, valid)
-
-
-def fill_empty_texels(
-    texture: np.ndarray,  # [H, W, C]
-    valid: np.ndarray,  # [H, W] bool, texels that hold a colour
-) -> np.ndarray:  # [H, W, C], every texel a copy of the nearest valid one (itself if valid)
-    """Fill every invalid texel with the nearest valid texel's value (Euclidean, one EDT pass)."""
-    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
-    return texture[rows, cols]
-
-
-def _barycentric_2d(
-    corners: np.ndarray,  # [N, 3, 2]
-    points: np.ndarray,  # [N, 2]
-) -> np.ndarray:  # [N, 3], may be negative outside the triangle
-    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
-    e1, e2, d = b - a, c - a, points - a
-    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    det = np.where(np.abs(det) > 1e-30, det, 1e-30)  # degenerate UV triangle: any finite weights
-    w1 = (d[:, 0] * e2[:, 1] - d[:, 1] * e2[:, 0]) / det
-    w2 = (e1[:, 0] * d[:, 1] - e1[:, 1] * d[:, 0]) / det
-    return np.stack([1 - w1 - w2, w1, w2], axis=1)
-
-
-def colors_from_texture(
-    vertices: np.ndarray,  # [V, 3] source mesh
-    faces: np.ndarray,  # [F, 3]
-    uvs: np.ndarray,  # [V, 2] per vertex or [F, 3, 2] per corner, glTF convention
-    texture: np.ndarray,  # [h, w, 3] float in [0, 1]
-) -> ColorFn:
-    """A ``colors_at`` that reads a textured source mesh: for each query point, the closest point
-    on the source surface, its UV there, and a bilinear texture lookup (clamped to the edge).
-
-    Use it to re-bake an appearance optimised on one mesh / UV layout onto the simplified,
-    re-unwrapped export mesh. The normals argument is ignored. Where two sheets of the source are
-    closer than the simplification error (thin parts), the nearest one may be the wrong side.
-    """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    uvs = np.asarray(uvs, dtype=np.float64)
-    corner_uvs = uvs if uvs.ndim == 3 else uvs[faces]  # [F, 3, 2]
-    triangles = vertices[faces]  # [F, 3, 3]
-    texture = np.asarray(texture, dtype=np.float32)
-    locate = _closest_triangle_finder(triangles)
-
-    def colors_at(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-        tri_index, closest = locate(np.asarray(points, dtype=np.float64))
-        bary = trimesh.triangles.points_to_barycentric(triangles[tri_index], closest)  # [P, 3]
-        uv = np.einsum("pk,pkc->pc", bary, corner_uvs[tri_index])
-        return _sample_bilinear(texture, uv)
-
-    return colors_at
-
-
-def _closest_triangle_finder(
-    triangles: np.ndarray,  # [F, 3, 3]
-    pair_budget: int = 1 << 20,
-) -> Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]:
-    """Exact closest point on a triangle soup: (triangle index [P], closest point [P, 3]).
-
-    Candidates are the k triangles with the nearest centroids. A triangle outside them has its
-    centroid at least as far as the k-th one, so it is at least (that distance - the largest
-    centroid-to-corner radius) away; points whose best candidate is not closer than that bound
-    are retried with twice as many candidates (k = F is brute force, hence exact).
-    """
-    centroids = triangles.mean(axis=1)
-    radius = float(np.linalg.norm(triangles - centroids[:, None], axis=2).max())
-    tree = cKDTree(centroids)
-    count = len(triangles)
-
-    def locate(points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        best_tri = np.zeros(len(points), np.int64)
-        best_point = np.zeros((len(points), 3))
-        pending = np.arange(len(points))
-        k = min(8, count)
-        while len(pending):
-            step = max(1, pair_budget // k)
-            unresolved = []
-            for start in range(0, len(pending), step):  # bounded memory: at most pair_budget pairs
-                index = pending[start : start + step]
-                centroid_dist, cand = tree.query(points[index], k=k)
-                centroid_dist, cand = centroid_dist.reshape(len(index), k), cand.reshape(len(index), k)
-                query = np.repeat(points[index], k, axis=0)
-                closest = trimesh.triangles.closest_point(triangles[cand.reshape(-1)], query).reshape(-1, k, 3)
-                dist = np.linalg.norm(closest - points[index, None], axis=2)  # [p, k]
-                arg = dist.argmin(axis=1)
-                pick = np.arange(len(index))
-                best_tri[index] = cand[pick, arg]
-                best_point[index] = closest[pick, arg]
-                exact = (k >= count) | (dist[pick, arg] <= centroid_dist[:, -1] - radius)
-                unresolved.append(index[~exact])
-            pending = np.concatenate(unresolved)
-            k = min(2 * k, count)
-        return best_tri, best_point
-
-    return locate
-
-
-def _sample_bilinear(
-    texture: np.ndarray,  # [h, w, C]
-    uv: np.ndarray,  # [P, 2] glTF convention
-) -> np.ndarray:  # [P, C]
-    height, width = texture.shape[:2]
-    x = uv[:, 0] * width - 0.5  # texel centres at (j + 0.5) / w
-    y = uv[:, 1] * height - 0.5
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    c0, c1 = np.clip(x0, 0, width - 1).astype(np.int64), np.clip(x0 + 1, 0, width - 1).astype(np.int64)
-    r0, r1 = np.clip(y0, 0, height - 1).astype(np.int64), np.clip(y0 + 1, 0, height - 1).astype(np.int64)
-    top = texture[r0, c0] * (1 - fx) + texture[r0, c1] * fx
-    bottom = texture[r1, c0] * (1 - fx) + texture[r1, c1] * fx
-    return top * (1 - fy) + bottom * fy
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -361,7 +132,7 @@ def _to_export_frame(
     world_from_model = np.asarray(world_from_model, dtype=np.float64)
     if world_from_model.shape != (4, 4):
         raise ValueError(f"world_from_model must be [4, 4], got {world_from_model.shape}")
-    normals = vertex_normals(vertices, faces) if normals is None else np.asarray(normals, dtype=np.float64)
+    normals = welded_vertex_normals(vertices, faces) if normals is None else np.asarray(normals, dtype=np.float64)
     export_from_model = export_from_normalised(vertices, world_from_model, up=up, scale=scale)
     out_vertices = vertices @ export_from_model[:3, :3].T + export_from_model[:3, 3]
     out_normals = normals @ export_from_model[:3, :3].T  # rotation times a positive scale
@@ -391,7 +162,7 @@ def write_glb(
     *,
     up: Sequence[float] = (0.0, 1.0, 0.0),
     scale: float = 1.0,
-    normals: Optional[np.ndarray] = None,  # [V, 3]; default: vertex_normals
+    normals: Optional[np.ndarray] = None,  # [V, 3]; default: welded_vertex_normals
     double_sided: bool = False,
     png: Optional[bytes] = None,  # ``texture`` already encoded by `texture_png` (spares encoding it again)
 ) -> np.ndarray:  # [4, 4] world_from_model of the GLB (GLB coordinates -> world), as stored
@@ -515,7 +286,7 @@ def write_obj_zip(
     *,
     up: Sequence[float] = (0.0, 1.0, 0.0),
     scale: float = 1.0,
-    normals: Optional[np.ndarray] = None,  # [V, 3]; default: vertex_normals
+    normals: Optional[np.ndarray] = None,  # [V, 3]; default: welded_vertex_normals
     name: str = "model",
     png: Optional[bytes] = None,  # ``texture`` already encoded by `texture_png` (spares encoding it again)
 ) -> np.ndarray:  # [4, 4] world_from_model of the OBJ coordinates, as in the header comment
@@ -587,13 +358,6 @@ def export_textured_mesh(
                                  png=png)
     write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name, png=png)
     return {"glb": glb, "zip": archive, "world_from_model": world_from_model}
-
-
-def corner_positions(mesh: TexturedMesh) -> np.ndarray:  # [Vt, 3] the position of every UV vertex
-    """Positions indexed like ``mesh.uvs`` (each UV vertex belongs to exactly one position)."""
-    positions = np.zeros((len(mesh.uvs), 3), dtype=np.float64)
-    positions[mesh.faces_uv.reshape(-1)] = mesh.vertices[mesh.faces.reshape(-1)]
-    return positions
 
 
 def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB coordinates, world_from_model)

@@ -30,6 +30,30 @@ class TexturedMesh:
     texture: np.ndarray  # [T, T, 3] float32 in [0, 1]
 
 
+def welded_vertex_normals(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+) -> np.ndarray:  # [V, 3] float32, unit length
+    """Area-weighted vertex normals, shared by vertices at the same position.
+
+    Vertices that xatlas split along a seam sit at exactly the same position; averaging over all
+    of them keeps the shading continuous across UV seams. Vertices of no (or only degenerate)
+    faces get +Y, so every normal is unit length (the glTF validator requires it).
+    """
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    _, weld = np.unique(vertices, axis=0, return_inverse=True)  # [V] welded index
+    weld = weld.reshape(-1)
+    tri = vertices[faces]  # [F, 3, 3]
+    face_normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
+    sums = np.zeros((weld.max() + 1, 3))
+    np.add.at(sums, weld[faces].reshape(-1), np.repeat(face_normal, 3, axis=0))
+    normals = sums[weld]
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    normals = np.where(length > 1e-20, normals / np.maximum(length, 1e-20), [0.0, 1.0, 0.0])
+    return normals.astype(np.float32)
+
+
 def clip_range(cameras: Cameras, center: np.ndarray = np.zeros(3), radius: float = np.sqrt(3.0)) -> Tuple[float, float]:
     """Near/far planes that keep a sphere (default: the normalised scene's cube) inside the depth range."""
     dist = np.linalg.norm(cameras.centers - center, axis=1)

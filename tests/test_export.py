@@ -9,6 +9,7 @@ import trimesh
 from scipy import ndimage, sparse
 
 from pipeline import export, uv
+from pipeline.refine import appearance
 from pipeline.errors import PipelineError
 from pipeline.render import Rasterizer
 
@@ -64,7 +65,7 @@ def baked_cube():
     vertices, faces = export.simplify(box.vertices, box.faces, 300)
     vmapping, faces, uvs = export.unwrap(vertices, faces, TEXTURE_SIZE)
     vertices = vertices[vmapping]
-    texture = export.bake_texture(vertices, faces, uvs, side_colors, TEXTURE_SIZE)
+    texture = appearance.bake_texture(vertices, faces, uvs, side_colors, TEXTURE_SIZE)
     return {"vertices": vertices, "faces": faces, "uvs": uvs, "texture": texture}
 
 
@@ -142,7 +143,7 @@ def test_unwrap_charts_are_disjoint_padded_and_fill_the_texture(face_count, size
     incidence = sparse.csr_matrix((np.ones(new_faces.size), (np.repeat(np.arange(len(new_faces)), 3), new_faces.ravel())))
     count, chart_of_face = sparse.csgraph.connected_components(incidence @ incidence.T, directed=False)
     chart_map = np.where(tri_map >= 0, chart_of_face[tri_map], -1)
-    padding = export.default_padding(size)
+    padding = uv.default_padding(size)
     assert count > 1
     for dy in range(0, padding):
         for dx in range(-padding + 1, padding):
@@ -162,7 +163,7 @@ def test_bake_samples_texel_centres_with_row_zero_at_v_zero():
     uvs = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     vertices = np.concatenate([uvs, np.zeros((4, 1))], axis=1)
     faces = np.array([[0, 1, 2], [0, 2, 3]])
-    texture = export.bake_texture(vertices, faces, uvs, lambda p, n: np.c_[p[:, :2], np.full(len(p), 0.5)], size)
+    texture = appearance.bake_texture(vertices, faces, uvs, lambda p, n: np.c_[p[:, :2], np.full(len(p), 0.5)], size)
     centres = (np.arange(size) + 0.5) / size
     np.testing.assert_allclose(texture[..., 0], np.broadcast_to(centres[None, :], (size, size)), atol=1e-5)
     np.testing.assert_allclose(texture[..., 1], np.broadcast_to(centres[:, None], (size, size)), atol=1e-5)
@@ -185,14 +186,14 @@ def test_bake_fills_unseen_texels_from_seen_ones(baked_cube):
         colors[side_index(points) == 5] = np.nan
         return colors
 
-    texture = export.bake_texture(baked_cube["vertices"], baked_cube["faces"], baked_cube["uvs"], bottom_unseen, TEXTURE_SIZE)
+    texture = appearance.bake_texture(baked_cube["vertices"], baked_cube["faces"], baked_cube["uvs"], bottom_unseen, TEXTURE_SIZE)
     distance_to_palette = np.abs(texture[:, :, None, :] - SIDE_COLORS[:5]).max(axis=3).min(axis=2)
     assert np.isfinite(texture).all() and distance_to_palette.max() < 1e-6
 
 
 def test_bake_accepts_per_corner_uvs(baked_cube):
     faces, uvs = baked_cube["faces"], baked_cube["uvs"]
-    texture = export.bake_texture(baked_cube["vertices"], faces, uvs[faces], side_colors, TEXTURE_SIZE)
+    texture = appearance.bake_texture(baked_cube["vertices"], faces, uvs[faces], side_colors, TEXTURE_SIZE)
     np.testing.assert_allclose(texture, baked_cube["texture"], atol=1e-6)
 
 
@@ -201,16 +202,16 @@ def test_rebake_from_a_texture_on_another_mesh_and_layout():
     src_vertices, src_faces = export.simplify(sphere.vertices, sphere.faces, 3000)
     vmapping, src_faces, src_uvs = export.unwrap(src_vertices, src_faces, TEXTURE_SIZE)
     src_vertices = src_vertices[vmapping]
-    src_texture = export.bake_texture(src_vertices, src_faces, src_uvs, gradient_colors, TEXTURE_SIZE)
+    src_texture = appearance.bake_texture(src_vertices, src_faces, src_uvs, gradient_colors, TEXTURE_SIZE)
 
     vertices, faces = export.simplify(sphere.vertices, sphere.faces, 800)  # a coarser surface, own layout
     vmapping, faces, uvs = export.unwrap(vertices, faces, TEXTURE_SIZE)
     vertices = vertices[vmapping]
-    colors_at = export.colors_from_texture(src_vertices, src_faces, src_uvs[src_faces], src_texture)  # per-corner source
-    texture = export.bake_texture(vertices, faces, uvs, colors_at, TEXTURE_SIZE)
+    colors_at = appearance.colors_from_texture(src_vertices, src_faces, src_uvs[src_faces], src_texture)  # per-corner source
+    texture = appearance.bake_texture(vertices, faces, uvs, colors_at, TEXTURE_SIZE)
 
     centroids = vertices[faces].mean(axis=1)
-    sampled = export._sample_bilinear(texture, uvs[faces].mean(axis=1))
+    sampled = appearance._sample_bilinear(texture, uvs[faces].mean(axis=1))
     expected = gradient_colors(centroids / np.linalg.norm(centroids, axis=1, keepdims=True), None)
     assert np.abs(sampled - expected).max() < 0.03
 
@@ -221,7 +222,7 @@ def test_closest_triangle_finder_is_exact_with_uneven_triangles():
     huge = np.array([[[-20.0, -20.0, 0.3], [20.0, -20.0, 0.3], [0.0, 30.0, 0.3]]])  # its centroid is far from most points
     triangles = np.concatenate([small, huge])
     points = rng.uniform(-1, 1, (300, 3))
-    tri_index, closest = export._closest_triangle_finder(triangles)(points)
+    tri_index, closest = appearance._closest_triangle_finder(triangles)(points)
     all_closest = trimesh.triangles.closest_point(np.repeat(triangles, len(points), axis=0), np.tile(points, (len(triangles), 1)))
     brute = np.linalg.norm(all_closest.reshape(len(triangles), len(points), 3) - points, axis=2).min(axis=0)
     np.testing.assert_allclose(np.linalg.norm(closest - points, axis=1), brute, atol=1e-9)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from pipeline.cameras import Cameras, look_at, to_clip
-from pipeline.refine import UniformLaplacian
+from pipeline.refine.surface import UniformLaplacian
 from pipeline.render import Rasterizer
 
 R = Rasterizer(backend="torch", device="cpu")

@@ -16,124 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cameras import Cameras, look_at
-from .config import RefineConfig
-from .events import Metrics, Preview, Progress
-from .export import bake_texture, corner_positions
-from .mesh import TexturedMesh, clip_range, render_colored, render_depth, render_resolution, render_textured
-from .render import Rasterizer
-from .uv import UnwrapJob
+from ..cameras import Cameras, look_at
+from ..config import RefineConfig
+from ..events import Metrics, Preview, Progress
+from ..mesh import TexturedMesh, clip_range, render_colored, render_resolution, render_textured
+from ..render import Rasterizer
+from ..uv import UnwrapJob
+from .appearance import PhotoProjector, texture_smoothness
+from .poses import PoseCorrections
+from .surface import UniformLaplacian, vertex_normals
 
 STAGE = "refine"
 
 
 class Cancelled(Exception):
     """Raised inside the pipeline when the caller's cancel() returned True."""
-
-
-class UniformLaplacian:
-    """L = I - D^-1 A of a mesh graph: ``L(v)`` is each vertex minus the mean of its neighbours.
-
-    A gather and a scatter over the edge list rather than a sparse matrix product: the backward of
-    ``torch.sparse.mm`` transposes (sorts) the matrix on every step."""
-
-    def __init__(self, faces: Tensor, num_vertices: int):  # faces [F, 3]
-        f = faces.long()
-        edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-        edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # [E, 2] each undirected edge both ways
-        self.vertex, self.neighbour = edges[:, 0].contiguous(), edges[:, 1].contiguous()
-        degree = torch.bincount(self.vertex, minlength=num_vertices).clamp(min=1)
-        self.inverse_degree = (1.0 / degree.to(torch.float32))[:, None]  # [V, 1]
-
-    def __call__(self, vertices: Tensor) -> Tensor:  # [V, 3] -> [V, 3]
-        # index_select, not vertices[...]: its backward is an index_add, not a sorting index_put.
-        neighbour_sum = torch.zeros_like(vertices).index_add_(0, self.vertex, vertices.index_select(0, self.neighbour))
-        return vertices - neighbour_sum * self.inverse_degree
-
-
-def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-weighted unit normals
-    f = faces.long()
-    v0, v1, v2 = vertices[f[:, 0]], vertices[f[:, 1]], vertices[f[:, 2]]
-    face_n = torch.cross(v1 - v0, v2 - v0, dim=1)
-    normals = torch.zeros_like(vertices).index_add_(0, f.reshape(-1), face_n.repeat_interleave(3, dim=0))
-    return F.normalize(normals, dim=1)
-
-
-class PhotoProjector:
-    """Colours surface points from the photos: each point averages the views that see it (depth-tested
-    against the surface), weighted by the squared cosine of the viewing angle so grazing views count
-    little. The views' depth maps are rendered once, at construction."""
-
-    @torch.no_grad()
-    def __init__(
-        self,
-        rasterizer: Rasterizer,
-        vertices: Tensor,  # [V, 3] the surface, for visibility
-        faces: Tensor,  # [F, 3] int32
-        photos: Tensor,  # [N, H, W, 3]
-        masks: Tensor,  # [N, H, W]
-        clip_from_world: Tensor,  # [N, 4, 4] for the photos' resolution
-        camera_centers: Tensor,  # [N, 3]
-        chunk: int = 8,
-    ):
-        self.photos, self.masks, self.clip_from_world, self.centers = photos, masks, clip_from_world, camera_centers
-        self.chunk = chunk
-        size = tuple(photos.shape[1:3])
-        self.depth = torch.cat([render_depth(rasterizer, vertices, faces, clip_from_world[s:s + chunk], size)
-                                for s in range(0, len(photos), chunk)])[:, None]  # [N, 1, H, W]
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        points: Tensor,  # [P, 3]
-        normals: Tensor,  # [P, 3] unit normals
-    ) -> Tuple[Tensor, Tensor]:  # colours [P, 3], total weight [P] (0 = no photo sees the point)
-        acc = torch.zeros(len(points), 3, device=points.device)
-        wsum = torch.zeros(len(points), device=points.device)
-        homog = torch.cat([points, torch.ones_like(points[:, :1])], 1)
-        for start in range(0, len(self.photos), self.chunk):  # bounded memory: a few views at a time
-            views = slice(start, start + self.chunk)
-            clip = torch.einsum("bij,pj->bpi", self.clip_from_world[views], homog)  # [b, P, 4]
-            w = clip[..., 3]
-            grid = (clip[..., :2] / w.clamp(min=1e-6)[..., None])[:, :, None, :]  # [b, P, 1, 2] NDC (x, y)
-
-            def sample(image: Tensor, mode: str = "bilinear") -> Tensor:  # [b, C, H, W] -> [b, C, P]
-                return F.grid_sample(image, grid, mode=mode, align_corners=False)[..., 0]
-
-            depth = self.depth[views]
-            # Bilinear depth mixes with empty (0) pixels at silhouettes; the nearest sample does not.
-            surface_depth = torch.maximum(sample(depth)[:, 0], sample(depth, "nearest")[:, 0])
-            mask = sample(self.masks[views][:, None])[:, 0]
-            color = sample(self.photos[views].permute(0, 3, 1, 2))  # [b, 3, P]
-            to_cam = F.normalize(self.centers[views][:, None, :] - points[None], dim=-1)  # [b, P, 3]
-            cosine = (to_cam * normals[None]).sum(-1)
-            visible = ((grid[:, :, 0].abs() <= 1).all(-1) & (w > 0) & (surface_depth > 0)
-                       & (w <= surface_depth * 1.01) & (mask > 0.5) & (cosine > 0.1))
-            weight = torch.where(visible, cosine**2, torch.zeros_like(cosine))  # [b, P]
-            acc += torch.einsum("bp,bcp->pc", weight, color)
-            wsum += weight.sum(0)
-        return acc / wsum.clamp(min=1e-8)[:, None], wsum
-
-    def texture(
-        self,
-        vertices: np.ndarray,  # [V, 3]
-        faces: np.ndarray,  # [F, 3]
-        uvs: np.ndarray,  # [Vt, 2]
-        faces_uv: np.ndarray,  # [F, 3]
-        size: int,
-        rasterizer: Rasterizer,
-    ) -> np.ndarray:  # [size, size, 3]
-        """A texture atlas baked from the photos (texels no photo sees take the nearest seen colour)."""
-        device = self.photos.device
-
-        def colors_at(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-            colors, weight = self(torch.from_numpy(points).to(device), torch.from_numpy(normals).to(device))
-            colors[weight == 0] = float("nan")  # unseen: bake_texture fills these from neighbours
-            return colors.cpu().numpy()
-
-        corners = TexturedMesh(vertices, faces, uvs, faces_uv, np.zeros((1, 1, 3), np.float32))
-        return bake_texture(corner_positions(corners), faces_uv, uvs, colors_at, size, rasterizer=rasterizer,
-                            chunk=1 << 20)
 
 
 def turntable_camera(cameras: Cameras, up: np.ndarray, angle: float) -> np.ndarray:  # [4, 4]
@@ -231,7 +128,7 @@ def refine(
         target = photos[views] * target_alpha + background * (1 - target_alpha)
         loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
                 + config.smoothness * laplacian(verts).square().sum(1).mean()
-                + config.texture_smoothness * _texture_smoothness(appearance))
+                + config.texture_smoothness * texture_smoothness(appearance))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -294,59 +191,6 @@ def refine(
     return mesh, (poses.cameras(cameras) if adjust_poses else None)
 
 
-class PoseCorrections:
-    """A small rigid correction per camera, applied in camera space: world_to_camera' = D @ world_to_camera,
-    D = [R(omega) | t] with ``delta`` = [omega (axis-angle, radians), t (scene units)] per view."""
-
-    def __init__(self, cameras: Cameras, clip_from_world: Tensor, device: torch.device):
-        world_to_camera = torch.tensor(cameras.world_to_camera, dtype=torch.float64)  # [N, 4, 4]
-        camera_to_world = torch.linalg.inv(world_to_camera)
-        self.world_to_camera = world_to_camera.float().to(device)
-        # clip_from_world = projection @ world_to_camera; the projection alone, per view [N, 4, 4]:
-        self.projection = (clip_from_world.double().cpu() @ camera_to_world).float().to(device)
-        self.delta = torch.zeros(len(cameras), 6, device=device, requires_grad=True)  # [N, 6]
-
-    def matrices(self, views: Optional[Tensor] = None) -> Tensor:  # [n, 4, 4] the corrections D
-        delta = self.delta if views is None else self.delta[views]
-        omega, t = delta[:, :3], delta[:, 3:]
-        # Rodrigues with the unnormalised cross-product matrix K of omega: smooth (and its gradient
-        # finite) at omega = 0, where every correction starts.
-        theta = torch.sqrt((omega**2).sum(1) + 1e-12)[:, None, None]  # [n, 1, 1]
-        k = torch.zeros(len(delta), 3, 3, device=delta.device)
-        k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -omega[:, 2], omega[:, 1], -omega[:, 0]
-        k = k - k.transpose(1, 2)
-        eye = torch.eye(3, device=delta.device).expand_as(k)
-        rotation = eye + torch.sin(theta) / theta * k + (1 - torch.cos(theta)) / theta**2 * (k @ k)
-        out = torch.eye(4, device=delta.device).repeat(len(delta), 1, 1)
-        out[:, :3, :3] = rotation
-        out[:, :3, 3] = t
-        return out
-
-    def clip(self, views: Tensor) -> Tensor:  # [n, 4, 4] corrected clip_from_world of ``views``
-        return self.projection[views] @ self.matrices(views) @ self.world_to_camera[views]
-
-    def corrected(self, clip_from_world: Tensor) -> Tensor:  # [N, 4, 4] the same correction at another resolution
-        projection = clip_from_world @ torch.linalg.inv(self.world_to_camera)
-        return projection @ self.matrices() @ self.world_to_camera
-
-    def cameras(self, original: Cameras) -> Cameras:
-        """``original`` with the corrections applied (same intrinsics and sizes)."""
-        with torch.no_grad():
-            corrected = (self.matrices() @ self.world_to_camera).double().cpu().numpy()
-        corrected[:, 3] = [0.0, 0.0, 0.0, 1.0]
-        return Cameras(original.intrinsics.copy(), corrected, original.sizes.copy())
-
-    def centers(self) -> Tensor:  # [N, 3] corrected camera centres
-        return torch.linalg.inv(self.matrices() @ self.world_to_camera)[:, :3, 3]
-
-    def summary(self) -> dict:
-        with torch.no_grad():
-            degrees = torch.rad2deg(self.delta[:, :3].norm(dim=1))
-            shift = self.delta[:, 3:].norm(dim=1)
-        return {"pose_correction_deg_median": float(degrees.median()), "pose_correction_deg_max": float(degrees.max()),
-                "pose_correction_shift_median": float(shift.median())}
-
-
 class _Clock:
     """Seconds between calls, with the device's queued work finished at each (two syncs per pass)."""
 
@@ -368,14 +212,6 @@ class _Clock:
 def check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
     if cancel is not None and cancel():
         raise Cancelled()
-
-
-def _texture_smoothness(appearance: Tensor) -> Tensor:
-    """Mean absolute difference of neighbouring texels of a [1, T, T, 3] texture (0 for vertex colours)."""
-    if appearance.dim() != 4:
-        return appearance.new_zeros(())
-    return ((appearance[:, 1:] - appearance[:, :-1]).abs().mean()
-            + (appearance[:, :, 1:] - appearance[:, :, :-1]).abs().mean())
 
 
 def _view_schedule(count: int, batch: int, steps: int, rng: np.random.Generator) -> Tensor:  # [steps, batch] int64
