@@ -5,7 +5,9 @@ writes it under bench/results/ (named with the date, GPU and commit).
   100 held out; time per stage, end to end (load to GLB written), refinement ms/iteration,
   held-out PSNR / SSIM / mask IoU, peak GPU memory;
 - spot and bob rendered into 48 views at 512 px with nvdiffrast and reconstructed: Chamfer-L1 and
-  F-score at 1% of the bounding-box diagonal against the true meshes;
+  F-score at 1% of the bounding-box diagonal and normal consistency against the true meshes;
+- for all three, the exported GLB's fold-overs and creases (`surface_quality`: % of adjacent face
+  pairs whose normals are > 90 / > 60 degrees apart, welded);
 - the raw cost of one nvdiffrast rasterize + interpolate + texture + antialias forward+backward at
   the refinement's batch, resolution and triangle count, so refine_ms_per_iter can be quoted as a
   ratio to it.
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import events  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
-from pipeline.evaluate import chamfer_fscore, compare_views  # noqa: E402
+from pipeline.evaluate import compare_views, geometry_scores, surface_quality  # noqa: E402
 from pipeline.export import load_glb_in_world  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
 from pipeline.mesh import render_textured  # noqa: E402
@@ -90,7 +92,9 @@ def bench_lego(data: Path, config, out: Path) -> dict:
     e2e = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
     r = Rasterizer(device="cuda")
-    means, _ = compare_views(load_glb_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names, r, ssim=True)
+    mesh = load_glb_in_world(result.glb_path)
+    means, _ = compare_views(mesh, held.cameras, held.images, held.masks, held.names, r, ssim=True)
+    surface = surface_quality(mesh.vertices, mesh.faces)
     refine = config.refine
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
     height = min(refine.render_resolution, capture.resolution[0])
@@ -109,6 +113,7 @@ def bench_lego(data: Path, config, out: Path) -> dict:
         "setup_seconds": info["setup_seconds"], "atlas_wait_seconds": info["atlas_wait_seconds"],
         "texture_setup_seconds": info["texture_setup_seconds"],
         "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
+        "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"],
     }
 
 
@@ -122,10 +127,13 @@ def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
     result, _ = run_pipeline(capture, config, out / name)
     seconds = time.perf_counter() - start
     mesh = load_glb_in_world(result.glb_path)
-    scores = chamfer_fscore(mesh.vertices, mesh.faces, truth.vertices, truth.faces)
+    scores = geometry_scores(mesh.vertices, mesh.faces, truth.vertices, truth.faces)
+    surface = surface_quality(mesh.vertices, mesh.faces)
     return {"views": 48, "resolution": 512, "e2e_seconds": seconds, "train_psnr": result.metrics.get("train_psnr"),
             "chamfer_l1_pct_diag": scores["chamfer_l1_pct_diag"], "fscore_1pct": scores["fscore_1pct"],
-            "chamfer_l1": scores["chamfer_l1"], "bbox_diag": scores["bbox_diag"]}
+            "chamfer_l1": scores["chamfer_l1"], "bbox_diag": scores["bbox_diag"],
+            "normal_consistency": scores["normal_consistency"],
+            "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"]}
 
 
 def profile_lego(data: Path, config, out: Path, path: Path) -> None:

@@ -62,14 +62,17 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="held-out PSNR / mask IoU of a GLB against photos; Chamfer and F-score with --gt",
+        "eval", help="held-out PSNR / mask IoU and fold-overs of a GLB; Chamfer, F-score, normal consistency with --gt",
         description="Render a GLB written by `reconstruct` into the cameras of a capture (its held-out split by "
-        "default) and compare with the photos; with --gt, compare the geometry with a ground-truth mesh.",
+        "default) and compare with the photos; measure its surface (fold-overs, creases); with --gt, compare the "
+        "geometry with a ground-truth mesh; with --images, write photo | textured | shaded pictures per view.",
     )
     p.add_argument("glb", help="a .glb written by `python -m pipeline reconstruct`")
     p.add_argument("input", nargs="+", help="capture folder or files with the views to compare against")
     p.add_argument("--split", default="test", help="split of a NeRF-style capture to compare against (default: test)")
     p.add_argument("--gt", help="ground-truth mesh (any format trimesh reads) in the capture's world frame")
+    p.add_argument("--images", metavar="DIR", help="write one PNG per view into DIR: the photo (on white, as "
+                   "scored), the textured render and a grey lit render (head light) side by side")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(run=_run_eval)

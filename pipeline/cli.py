@@ -84,7 +84,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from .evaluate import chamfer_fscore, compare_views  # noqa: PLC0415
+    from .evaluate import geometry_scores, render_views, score_views, surface_quality  # noqa: PLC0415
     from .export import load_glb_in_world  # noqa: PLC0415
     from .render import Rasterizer  # noqa: PLC0415
 
@@ -93,9 +93,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if capture.cameras is None or capture.masks is None:
         raise PipelineError(f"{args.input[0]} has no cameras or masks to compare against")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    means, per_view = compare_views(world, capture.cameras, capture.images, capture.masks, capture.names,
-                                    Rasterizer(device=device), ssim=True)
+    rasterizer = Rasterizer(device=device)
+    rendered, alpha = render_views(world, capture.cameras, capture.images.shape[1:3], rasterizer, background=1.0)
+    means, per_view = score_views(rendered, alpha, capture.images, capture.masks, capture.names, ssim=True)
     report = {"views": len(capture), **{f"heldout_{k}": v for k, v in means.items()}}
+    surface = surface_quality(world.vertices, world.faces)
+    report.update({key: surface[key] for key in ("fold_over_pct", "crease_pct")})
     if args.gt:
         import trimesh  # noqa: PLC0415
 
@@ -103,11 +106,34 @@ def run_eval(args: argparse.Namespace) -> int:
             gt = trimesh.load(args.gt, force="mesh", process=False)
         except Exception as exc:  # trimesh raises many types for unreadable files
             raise PipelineError(f"cannot read the ground-truth mesh {args.gt}: {exc}") from None
-        report.update(chamfer_fscore(world.vertices, world.faces, np.asarray(gt.vertices), np.asarray(gt.faces)))
+        report.update(geometry_scores(world.vertices, world.faces, np.asarray(gt.vertices), np.asarray(gt.faces)))
+    if args.images:
+        write_view_images(Path(args.images), world, capture, rendered, rasterizer)
     if args.json:
         print(json.dumps({"summary": report, "per_view": per_view}, indent=2))
     else:
         width = max(len(k) for k in report)
         print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
                         for k, v in report.items()))
+    if args.images:
+        print(f"pictures (photo | textured | shaded) of {len(capture)} views in {args.images}", file=sys.stderr)
     return 0
+
+
+def write_view_images(folder: Path, mesh, capture, textured: np.ndarray, rasterizer) -> list[Path]:
+    """``NNN_NAME.png`` per view: the photo composited on white (as it is scored), the textured render
+    (``textured`` [N, H, W, 3], from `render_views`) and the grey lit render, side by side."""
+    from PIL import Image  # noqa: PLC0415
+
+    from .evaluate import on_white, render_shaded_views, view_panels  # noqa: PLC0415
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot create the pictures folder {folder}: {exc}") from None
+    shaded = render_shaded_views(mesh.vertices, mesh.faces, capture.cameras, capture.images.shape[1:3], rasterizer)
+    panels = view_panels(on_white(capture.images, capture.masks), textured, shaded)
+    paths = [folder / f"{index:03d}_{Path(name).stem}.png" for index, name in enumerate(capture.names)]
+    for path, panel in zip(paths, panels):  # one file per view
+        Image.fromarray(panel).save(path)
+    return paths

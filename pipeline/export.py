@@ -336,9 +336,10 @@ def export_textured_mesh(
     unlit: bool = False,
     name: str = "model",
     rasterizer: Optional[Rasterizer] = None,
-) -> dict:  # {"glb": Path, "zip": Path, "world_from_model": [4, 4]}
+) -> dict:  # {"glb": Path, "zip": Path, "world_from_model": [4, 4], "vertices": [Vt, 3], "faces": [F, 3]}
     """The export stage: simplify to ``target_faces`` (re-unwrapping and re-baking the texture
-    from the refined one when that changes the mesh), then write ``name``.glb and ``name``_obj.zip."""
+    from the refined one when that changes the mesh), then write ``name``.glb and ``name``_obj.zip.
+    ``vertices`` / ``faces`` are the written geometry in the normalised frame (split along UV seams)."""
     out_dir = Path(out_dir)
     if len(mesh.faces) > target_faces:
         vertices, faces = simplify(mesh.vertices, mesh.faces, target_faces)
@@ -357,7 +358,7 @@ def export_textured_mesh(
     world_from_model = write_glb(glb, positions, faces_uv, uvs, texture, world_from_normalised, unlit=unlit, up=up,
                                  png=png)
     write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name, png=png)
-    return {"glb": glb, "zip": archive, "world_from_model": world_from_model}
+    return {"glb": glb, "zip": archive, "world_from_model": world_from_model, "vertices": positions, "faces": faces_uv}
 
 
 def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB coordinates, world_from_model)

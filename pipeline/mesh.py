@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cameras import Cameras, to_clip
@@ -102,6 +103,63 @@ def render_colored(
     rast, _ = rasterizer.rasterize(clip, faces, resolution, grad_db=False)
     color, _ = rasterizer.interpolate(colors[None], rast, faces)
     return _composite(rasterizer, color, rast, clip, faces, background)
+
+
+def render_shaded(
+    rasterizer: Rasterizer,
+    vertices: Tensor,  # [V, 3] float32 world positions (may require grad)
+    faces: Tensor,  # [F, 3] int32
+    clip_from_world: Tensor,  # [B, 4, 4] perspective matrices, as from Cameras.clip_matrices
+    resolution: Tuple[int, int],
+    background: Optional[Tensor] = None,  # [B, 1, 1, 3] or None for black
+    *,
+    albedo: float = 0.8,
+    ambient: float = 0.1,
+) -> Tuple[Tensor, Tensor]:  # rgb [B, H, W, 3] grey (r = g = b), alpha [B, H, W, 1], both anti-aliased
+    """The geometry alone, as a lit viewer shows it: grey Lambertian surface, a head light.
+
+    ``rgb = albedo * (ambient + (1 - ambient) * max(0, n . l))`` where ``n`` is the smooth normal (the
+    area-weighted vertex normals of `smooth_vertex_normals`, interpolated and renormalised per pixel)
+    and ``l`` the unit vector from the surface point to the view's camera centre (`camera_centers`),
+    so surfaces facing the camera are brightest and folds show as dark creases. Normals follow the
+    winding (counter-clockwise seen from outside = outward); a surface seen from its back gets only
+    the ambient term. Differentiable w.r.t. vertices (shading and silhouettes).
+    """
+    assert vertices.dim() == 2 and vertices.shape[1] == 3, f"vertices must be [V, 3], got {tuple(vertices.shape)}"
+    assert clip_from_world.dim() == 3 and clip_from_world.shape[1:] == (4, 4), "clip_from_world must be [B, 4, 4]"
+    clip = to_clip(vertices, clip_from_world)
+    rast, _ = rasterizer.rasterize(clip, faces, resolution, grad_db=False)
+    attributes = torch.cat([smooth_vertex_normals(vertices, faces), vertices], dim=1)[None]  # [1, V, 6]
+    surface, _ = rasterizer.interpolate(attributes.contiguous(), rast, faces)
+    normal = F.normalize(surface[..., :3], dim=-1)
+    centers = camera_centers(clip_from_world)  # [B, 3]
+    light = F.normalize(centers[:, None, None, :] - surface[..., 3:], dim=-1)
+    lambert = (normal * light).sum(-1, keepdim=True).clamp(min=0.0)  # [B, H, W, 1]
+    grey = (albedo * (ambient + (1.0 - ambient) * lambert)).expand(-1, -1, -1, 3)
+    return _composite(rasterizer, grey, rast, clip, faces, background)
+
+
+def smooth_vertex_normals(
+    vertices: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] int32 or int64
+) -> Tensor:  # [V, 3] unit length (zero for vertices of no or only degenerate faces)
+    """Area-weighted vertex normals, shared by vertices at exactly the same position (UV-seam copies),
+    as `export.vertex_normals` writes them into the GLB. Differentiable w.r.t. vertices."""
+    _, weld = torch.unique(vertices.detach(), dim=0, return_inverse=True)  # [V] welded index
+    corners = faces.long()
+    tri = vertices[corners]  # [F, 3, 3]
+    face_normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)  # length = 2 * area
+    sums = torch.zeros(len(vertices), 3, dtype=vertices.dtype, device=vertices.device)
+    sums = sums.index_add(0, weld[corners].reshape(-1), face_normal.repeat_interleave(3, dim=0))
+    return F.normalize(sums[weld], dim=1)
+
+
+def camera_centers(clip_from_world: Tensor) -> Tensor:  # [B, 4, 4] perspective -> [B, 3] world positions
+    """Camera centres of perspective clip matrices: the world point mapped to clip (0, 0, 1, 0), i.e. clip
+    w = 0 (camera depth 0) on the optical axis, dehomogenised (computed in float64)."""
+    axis = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=clip_from_world.device)
+    homogeneous = torch.linalg.solve(clip_from_world.double(), axis.expand(len(clip_from_world), 4))  # [B, 4]
+    return (homogeneous[:, :3] / homogeneous[:, 3:]).to(clip_from_world.dtype)
 
 
 def _composite(rasterizer, color, rast, clip, faces, background):

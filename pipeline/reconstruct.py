@@ -19,7 +19,7 @@ from .cameras import Cameras
 from .capture import Capture
 from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
-from .evaluate import compare_views
+from .evaluate import compare_views, surface_quality
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
@@ -259,6 +259,8 @@ def reconstruct(
         yield Progress("export", 0.7, "measuring the result against the photos")
         means, per_view = compare_views(mesh, cameras, fit.images, fit.masks, fit.names, rasterizer)
         metrics = {f"train_{k}": v for k, v in means.items()}
+        surface = surface_quality(files["vertices"], files["faces"])  # the exported geometry, welded
+        metrics.update(fold_over_pct=surface["fold_over_pct"], crease_pct=surface["crease_pct"])
         heldout = None
         if held is not None and len(held):
             held_cams = transform_cameras(held.cameras, world_from_normalised)
