@@ -30,7 +30,6 @@ from .refine import Cancelled, check_cancel, refine
 from .render import Rasterizer
 from .sfm import ProgressFn
 from .turntable import turntable_from_files
-from .uv import UnwrapJob
 
 MIN_VIEWS = 3
 MIN_RETRY_RESOLUTION = 128  # the refinement's retry after running out of GPU memory renders at least this
@@ -192,7 +191,6 @@ def reconstruct(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rasterizer = Rasterizer(backend="auto", device=device)
     timings: dict[str, float] = {}
-    atlas: Optional[UnwrapJob] = None
     try:
         # ---------------------------------------------------------------- ingest
         start = _now()
@@ -229,8 +227,6 @@ def reconstruct(
         yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
         check_cancel(cancel)
         vertices, faces = export.simplify(vertices, faces, config.refine.mesh_faces)
-        # xatlas takes seconds and holds the GIL: unwrap in a child process during the geometry pass.
-        atlas = UnwrapJob(vertices, faces, config.refine.texture_size, out_dir / ".work")
         timings["hull"] = _now() - start
         yield Metrics("hull", {"faces": float(len(faces)), "vertices": float(len(vertices))})
         yield StageFinished("hull", timings["hull"])
@@ -238,8 +234,8 @@ def reconstruct(
         # ---------------------------------------------------------------- refine
         start = _now()
         yield StageStarted("refine", f"{config.refine.iterations} iterations at {config.refine.render_resolution} px")
-        mesh, corrected = yield from _refine_within_memory(vertices, faces, atlas, cameras, fit, up, config.refine,
-                                                rasterizer, cancel, estimated_cameras=estimated)
+        mesh, corrected = yield from _refine_within_memory(vertices, faces, field, cameras, fit, up, config.refine,
+                                                           rasterizer, out_dir / ".work", cancel, estimated)
         timings["refine"] = _now() - start
         yield StageFinished("refine", timings["refine"])
 
@@ -276,15 +272,14 @@ def reconstruct(
     except Cancelled:
         yield Warning("cancelled: the reconstruction was stopped before it finished")
     finally:
-        if atlas is not None:
-            atlas.cancel()
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
         del rasterizer
         free_memory()
 
 
-def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, rasterizer, cancel, estimated_cameras):
+def _refine_within_memory(vertices, faces, field, cameras, fit, up, settings, rasterizer, work_dir, cancel,
+                          estimated_cameras):
     """`refine`, retried once at half the render resolution when the GPU runs out of memory; a
     second failure is a PipelineError that says which settings to lower."""
     first = max(render_resolution(fit.images.shape[1:3], settings.render_resolution))  # the longer side rendered
@@ -294,9 +289,9 @@ def _refine_within_memory(vertices, faces, atlas, cameras, fit, up, settings, ra
             yield Warning(f"Out of GPU memory refining at {first} px; retrying at {resolution} px (lower 'Render "
                           "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
         try:
-            return (yield from refine(vertices, faces, atlas, cameras, fit.images, fit.masks, up,
+            return (yield from refine(vertices, faces, cameras, fit.images, fit.masks, up,
                                       dataclasses.replace(settings, render_resolution=resolution), rasterizer,
-                                      cancel, estimated_cameras))
+                                      work_dir, cancel, estimated_cameras, hull_field=field))
         except torch.cuda.OutOfMemoryError:
             pass  # freed below, outside the handler: the traceback holds the failed step's tensors
         free_memory()

@@ -67,10 +67,10 @@ def test_lego_event_stream(lego_run):
     previews = [e for e in collected if isinstance(e, events.Preview)]
     assert len(previews) >= 3
     image = previews[-1].image
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[1] == 3 * image.shape[0]
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[1] == 4 * image.shape[0]
     # The render (left) must look like the photo (middle) by the end.
-    third = image.shape[1] // 3
-    diff = np.abs(image[:, :third].astype(float) - image[:, third:2 * third].astype(float)).mean()
+    panel = image.shape[1] // 4
+    diff = np.abs(image[:, :panel].astype(float) - image[:, panel:2 * panel].astype(float)).mean()
     assert diff < 20
     progress = [e.fraction for e in collected if isinstance(e, events.Progress) and e.stage == "refine"]
     assert progress == sorted(progress) and progress[-1] == 1.0
@@ -79,7 +79,8 @@ def test_lego_event_stream(lego_run):
     # the parts add up to the stage's time, less the few events and conversions around them.
     spent = next(e.values for e in collected if isinstance(e, events.Metrics) and "geometry_ms_per_step" in e.values)
     parts = (spent["geometry_ms_per_step"] * 60 + spent["texture_ms_per_step"] * 60) / 1000 + spent["setup_seconds"] \
-        + spent["atlas_wait_seconds"] + spent["texture_setup_seconds"]
+        + spent["atlas_wait_seconds"] + spent["texture_setup_seconds"] + spent["topology_seconds"] \
+        + spent["remesh_seconds"]
     assert min(spent.values()) >= 0 and spent["geometry_ms_per_step"] > 0
     assert 0.8 * result.timings["refine"] <= parts <= result.timings["refine"]
     assert len(result.per_view) == 24 and all("psnr" in v and "mask_iou" in v for v in result.per_view.values())

@@ -40,7 +40,8 @@ Drop photos of one object taken from all around it (at least 3; 20-60 work best)
 (PNG alpha, or mask files named `<photo>_mask.png`) and a camera file ({CAMERA_FILE_HELP}) if you
 have them, or one .zip of such a capture folder. Without masks or cameras they are estimated from
 the photos (a plain background helps; with turntable photos, choose the turntable camera source).
-Then press **Run**: the preview shows the current render beside the photo, and a turntable view.
+Then press **Run**: the preview shows the current render beside the photo, the bare surface grey and
+lit, and a turntable view of it.
 Or click an example below.
 """
 
@@ -119,7 +120,7 @@ def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
                     gr.Markdown("Optional learned models (`python -m pipeline weights` shows the same table).")
                     models = gr.Dataframe(headers=list(TABLE_HEADERS), interactive=False, wrap=True)
             with gr.Column(scale=1):
-                preview = gr.Image(label="Live preview: render | photo | turntable", format="png",
+                preview = gr.Image(label="Live preview: render | photo | surface | turntable", format="png",
                                    interactive=False, height=200, elem_id="preview")
                 stages = gr.HTML(RunReport().stages_html(), css_template=STAGES_CSS, js_on_load=None,
                                  elem_id="stages")

@@ -9,6 +9,7 @@ angle), so optimisation only has to correct it; texels no photo sees are filled 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Generator, Optional, Tuple
 
 import numpy as np
@@ -19,12 +20,14 @@ from torch import Tensor
 from ..cameras import Cameras, look_at
 from ..config import RefineConfig
 from ..events import Metrics, Preview, Progress
-from ..mesh import TexturedMesh, clip_range, render_colored, render_resolution, render_textured
+from ..mesh import TexturedMesh, clip_range, render_colored, render_resolution, render_shaded, render_textured
 from ..render import Rasterizer
 from ..uv import UnwrapJob
 from .appearance import PhotoProjector, texture_smoothness
 from .poses import PoseCorrections
-from .surface import UniformLaplacian, vertex_normals
+from .surface import (FaceAdjacency, SmoothParametrisation, UniformAdam, UniformLaplacian, nearest_vertices,
+                      normal_consistency_loss, remesh, swap_parameter, target_edge_length, vertex_normals)
+from .topology import fit_topology
 
 STAGE = "refine"
 
@@ -49,22 +52,31 @@ def turntable_camera(cameras: Cameras, up: np.ndarray, angle: float) -> np.ndarr
 
 
 def refine(
-    vertices: np.ndarray,  # [V, 3] starting surface (normalised frame)
+    vertices: np.ndarray,  # [V, 3] starting surface (normalised frame), closed and manifold
     faces: np.ndarray,  # [F, 3]
-    atlas: UnwrapJob,  # UV atlas of this connectivity, being computed in another process
     cameras: Cameras,  # normalised frame, one per photo
     images: np.ndarray,  # [N, H, W, 3] float32
     masks: np.ndarray,  # [N, H, W] float32
     up: np.ndarray,  # [3] world up in the normalised frame (for the turntable preview)
     config: RefineConfig,
     rasterizer: Rasterizer,
+    work_dir: Path,  # scratch folder (the UV atlas job's files)
     cancel: Optional[Callable[[], bool]] = None,
     estimated_cameras: bool = False,
+    hull_field: Optional[np.ndarray] = None,  # [R, R, R] visual-hull field: the topology pass starts from it
 ) -> Generator[object, None, Tuple[TexturedMesh, Optional[Cameras]]]:
-    """Fit the surface and its appearance to the photos in two passes over the same connectivity:
+    """Fit the surface and its appearance to the photos:
 
-    1. geometry: vertex positions with per-vertex colours (no UVs needed, so the atlas is computed
-       meanwhile in another process);
+    0. topology (``config.topology_steps`` > 0 and a ``hull_field``): an SDF on a grid, initialised
+       from the visual hull and fitted through the renderer, whose surface can change genus and dig
+       into concavities the silhouettes cannot see (`topology.fit_topology`); its surface replaces
+       the starting one;
+    1. geometry: vertex positions with per-vertex colours. Positions move in Large Steps'
+       parametrisation (`surface.SmoothParametrisation`, uniform-Adam steps), so every step is a
+       smooth deformation; the surface is remeshed toward an even edge length (coarse first, then
+       at ``config.mesh_faces``) so triangles stay well shaped as it moves; a normal-consistency
+       term keeps neighbouring faces from folding. After the last remesh the connectivity is
+       final and the UV atlas is computed in another process while the geometry pass goes on;
     2. texture: the photos are projected into the atlas on the refined surface, then positions and
        texture are optimised together.
 
@@ -91,104 +103,189 @@ def refine(
                                      device=device),
         camera_centers=torch.from_numpy(cameras.centers).float().to(device),
     )
-    faces_t = torch.from_numpy(np.ascontiguousarray(faces)).to(device=device, dtype=torch.int32)
-    verts = torch.from_numpy(np.ascontiguousarray(vertices)).to(device=device, dtype=torch.float32)
-    laplacian = UniformLaplacian(faces_t, len(verts))
-    colors, _ = PhotoProjector(rasterizer, verts, faces_t, **full_views)(verts, vertex_normals(verts, faces_t))
-    verts.requires_grad_(True)
-    colors.requires_grad_(True)
+    if config.topology_steps > 0 and hull_field is not None:
+        vertices, faces = yield from fit_topology(hull_field, cameras, images, masks, config, rasterizer, cancel)
+    topology_seconds = clock.lap()
 
     total = config.iterations
     geometry_steps = total // 2
-    # Every step's views and background colours, drawn up front and moved to the device once: a
-    # per-step host-to-device copy would synchronise, and the CPU could no longer queue the next
-    # step while the GPU runs this one.
-    schedule = _view_schedule(len(photos), min(config.views_per_step, len(photos)), total, rng).to(device)
-    backgrounds = torch.rand(total, schedule.shape[1], 1, 1, 3, generator=generator).to(device)
-    previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
-                           config.preview_every_s, device)
-    adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
-    groups = [{"params": [verts], "lr": config.geometry_lr}, {"params": [colors], "lr": config.texture_lr}]
-    if adjust_poses:
-        poses = PoseCorrections(cameras, clip_mats, device)
-        groups.append({"params": [poses.delta], "lr": config.pose_lr})
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), fused=device.type == "cuda")
-
-    def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
-        check_cancel(cancel)
-        # Learning rates decay to 10% over the whole run, as nvdiffrec's exponential schedule does.
-        decay = 0.1 ** (step / max(total, 1))
-        optimizer.param_groups[0]["lr"] = config.geometry_lr * decay
-        optimizer.param_groups[1]["lr"] = config.texture_lr * decay
+    # Remeshes during the geometry pass (steps below geometry_steps, so all are reached), each at a
+    # finer edge length, the last at mesh_faces; the first, before step 0, also evens out the
+    # starting surface (the hull's or the topology pass's triangles).
+    remesh_at = {geometry_steps * i // (config.remesh_passes + 1): config.mesh_faces // 2 ** (config.remesh_passes - i)
+                 for i in range(config.remesh_passes + 1)} if config.remesh_passes > 0 else {}
+    surface = _Surface(vertices, faces, config, device)
+    if 0 in remesh_at:
+        surface.remesh(remesh_at.pop(0))
+    colors, _ = PhotoProjector(rasterizer, surface.vertices(), surface.faces, **full_views)(
+        surface.vertices(), vertex_normals(surface.vertices(), surface.faces))
+    colors.requires_grad_(True)
+    atlas = None if remesh_at else UnwrapJob(*surface.numpy(), config.texture_size, work_dir)
+    try:
+        # Every step's views and background colours, drawn up front and moved to the device once: a
+        # per-step host-to-device copy would synchronise, and the CPU could no longer queue the next
+        # step while the GPU runs this one.
+        schedule = _view_schedule(len(photos), min(config.views_per_step, len(photos)), total, rng).to(device)
+        backgrounds = torch.rand(total, schedule.shape[1], 1, 1, 3, generator=generator).to(device)
+        previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
+                               config.preview_every_s, device)
+        adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
+        geometry_optimizer = UniformAdam([surface.u], lr=config.geometry_lr)
+        groups = [{"params": [colors], "lr": config.texture_lr}]
         if adjust_poses:
-            optimizer.param_groups[2]["lr"] = config.pose_lr * decay
-        views, background = schedule[step], backgrounds[step]
-        rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
-        target_alpha = alphas[views]
-        target = photos[views] * target_alpha + background * (1 - target_alpha)
-        loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
-                + config.smoothness * laplacian(verts).square().sum(1).mean()
-                + config.texture_smoothness * texture_smoothness(appearance))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            poses = PoseCorrections(cameras, clip_mats, device)
+            groups.append({"params": [poses.delta], "lr": config.pose_lr})
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), fused=device.type == "cuda")
+        verts = surface.vertices()
+
+        def fit_step(step: int, render: Callable, appearance: Tensor) -> Tensor:
+            nonlocal verts
+            check_cancel(cancel)
+            # Learning rates decay to 10% over the whole run, as nvdiffrec's exponential schedule does.
+            decay = 0.1 ** (step / max(total, 1))
+            geometry_optimizer.param_groups[0]["lr"] = config.geometry_lr * decay
+            optimizer.param_groups[0]["lr"] = config.texture_lr * decay
+            if adjust_poses:
+                optimizer.param_groups[1]["lr"] = config.pose_lr * decay
+            verts = surface.vertices()
+            views, background = schedule[step], backgrounds[step]
+            rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
+            target_alpha = alphas[views]
+            target = photos[views] * target_alpha + background * (1 - target_alpha)
+            loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
+                    + config.normal_weight * normal_consistency_loss(verts, surface.adjacency)
+                    + config.smoothness * surface.laplacian(verts).square().sum(1).mean()
+                    + config.texture_smoothness * texture_smoothness(appearance))
+            geometry_optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            geometry_optimizer.step()
+            optimizer.step()
+            with torch.no_grad():
+                appearance.clamp_(0.0, 1.0)
+            return loss.detach()
+
+        def shade(mats: Tensor, background: Tensor):
+            return render_shaded(rasterizer, verts, surface.faces, mats, (height, width), background)
+
+        def by_colors(mats: Tensor, background: Tensor):
+            return render_colored(rasterizer, verts, surface.faces, colors, mats, (height, width), background)
+
+        setup_seconds = clock.lap()
+        remesh_seconds = 0.0
+        for step in range(geometry_steps):
+            if step in remesh_at:
+                remesh_start = time.perf_counter()
+                colors = surface.remesh(remesh_at.pop(step), geometry_optimizer, optimizer, colors)
+                verts = surface.vertices()
+                if not remesh_at:  # the connectivity is final: unwrap it while the geometry pass goes on
+                    atlas = UnwrapJob(*surface.numpy(), config.texture_size, work_dir)
+                remesh_seconds += time.perf_counter() - remesh_start
+            loss = fit_step(step, by_colors, colors)
+            yield from previewer.maybe(step, total, by_colors, shade, loss)
+        geometry_seconds = clock.lap() - remesh_seconds
+
+        while not atlas.ready():  # pass 2 needs the atlas
+            check_cancel(cancel)
+            yield Progress(STAGE, geometry_steps / max(total, 1), "waiting for the UV atlas")
+            time.sleep(0.02)
+        atlas_wait_seconds = clock.lap()
+        _, faces_uv, uvs = atlas.result()
+        faces_t = surface.faces
+        faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
+        uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
         with torch.no_grad():
-            appearance.clamp_(0.0, 1.0)
-        return loss.detach()
+            verts = surface.vertices()
+        if adjust_poses:  # project the photos through the corrected cameras
+            with torch.no_grad():
+                full_views["clip_from_world"] = poses.corrected(full_views["clip_from_world"])
+                full_views["camera_centers"] = poses.centers()
+            yield Metrics(STAGE, poses.summary())
+        baked = PhotoProjector(rasterizer, verts, faces_t, **full_views).texture(
+            verts.cpu().numpy(), faces_t.cpu().numpy(), uvs, faces_uv, config.texture_size, rasterizer)
+        texture = torch.from_numpy(baked).to(device)[None].contiguous().requires_grad_(True)
+        swap_parameter(optimizer, colors, texture)
 
-    def by_colors(mats: Tensor, background: Tensor):
-        return render_colored(rasterizer, verts, faces_t, colors, mats, (height, width), background)
+        def by_texture(mats: Tensor, background: Tensor):
+            return render_textured(rasterizer, verts, faces_t, uvs_t, faces_uv_t, texture, mats, (height, width),
+                                   background)
 
-    setup_seconds = clock.lap()
-    for step in range(geometry_steps):
-        loss = fit_step(step, by_colors, colors)
-        yield from previewer.maybe(step, total, by_colors, loss)
-    geometry_seconds = clock.lap()
+        texture_setup_seconds = clock.lap()
+        for step in range(geometry_steps, total):
+            loss = fit_step(step, by_texture, texture)
+            yield from previewer.maybe(step, total, by_texture, shade, loss)
+        texture_seconds = clock.lap()
+        yield Metrics(STAGE, {  # where the stage's time went; the loops' figures exclude the one-off setup
+            "geometry_ms_per_step": 1000 * geometry_seconds / max(geometry_steps, 1),
+            "texture_ms_per_step": 1000 * texture_seconds / max(total - geometry_steps, 1),
+            "loop_ms_per_step": 1000 * (geometry_seconds + texture_seconds) / max(total, 1),
+            "topology_seconds": topology_seconds, "remesh_seconds": remesh_seconds,
+            "setup_seconds": setup_seconds, "atlas_wait_seconds": atlas_wait_seconds,
+            "texture_setup_seconds": texture_setup_seconds})
 
-    while not atlas.ready():  # pass 2 needs the atlas; it has usually been ready for a while
-        check_cancel(cancel)
-        yield Progress(STAGE, geometry_steps / max(total, 1), "waiting for the UV atlas")
-        time.sleep(0.05)
-    atlas_wait_seconds = clock.lap()
-    _, faces_uv, uvs = atlas.result()
-    faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
-    uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
-    surface = verts.detach()
-    if adjust_poses:  # project the photos through the corrected cameras
         with torch.no_grad():
-            full_views["clip_from_world"] = poses.corrected(full_views["clip_from_world"])
-            full_views["camera_centers"] = poses.centers()
-        yield Metrics(STAGE, poses.summary())
-    baked = PhotoProjector(rasterizer, surface, faces_t, **full_views).texture(
-        surface.cpu().numpy(), np.asarray(faces), uvs, faces_uv, config.texture_size, rasterizer)
-    texture = torch.from_numpy(baked).to(device)[None].contiguous().requires_grad_(True)
-    optimizer.state.pop(colors, None)
-    optimizer.param_groups[1]["params"] = [texture]
+            final_vertices = surface.vertices()
+        mesh = TexturedMesh(
+            vertices=final_vertices.cpu().numpy().astype(np.float32),
+            faces=faces_t.cpu().numpy().astype(np.int32),
+            uvs=uvs.astype(np.float32),
+            faces_uv=faces_uv.astype(np.int32),
+            texture=texture.detach()[0].cpu().numpy(),
+        )
+        return mesh, (poses.cameras(cameras) if adjust_poses else None)
+    finally:
+        if atlas is not None:  # finished, failed or cancelled: the child process goes
+            atlas.cancel()
 
-    def by_texture(mats: Tensor, background: Tensor):
-        return render_textured(rasterizer, verts, faces_t, uvs_t, faces_uv_t, texture, mats, (height, width),
-                               background)
 
-    texture_setup_seconds = clock.lap()
-    for step in range(geometry_steps, total):
-        loss = fit_step(step, by_texture, texture)
-        yield from previewer.maybe(step, total, by_texture, loss)
-    texture_seconds = clock.lap()
-    yield Metrics(STAGE, {  # where the stage's time went; the loops' figures exclude the one-off setup
-        "geometry_ms_per_step": 1000 * geometry_seconds / max(geometry_steps, 1),
-        "texture_ms_per_step": 1000 * texture_seconds / max(total - geometry_steps, 1),
-        "loop_ms_per_step": 1000 * (geometry_seconds + texture_seconds) / max(total, 1),
-        "setup_seconds": setup_seconds, "atlas_wait_seconds": atlas_wait_seconds,
-        "texture_setup_seconds": texture_setup_seconds})
+class _Surface:
+    """The surface being fitted: its smooth parametrisation and what depends on its connectivity
+    (faces, face adjacency, Laplacian), rebuilt together by `remesh`."""
 
-    mesh = TexturedMesh(
-        vertices=verts.detach().cpu().numpy().astype(np.float32),
-        faces=np.asarray(faces, dtype=np.int32),
-        uvs=uvs.astype(np.float32),
-        faces_uv=faces_uv.astype(np.int32),
-        texture=texture.detach()[0].cpu().numpy(),
-    )
-    return mesh, (poses.cameras(cameras) if adjust_poses else None)
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, config: RefineConfig, device: torch.device):
+        self.config, self.device = config, device
+        self._set(torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32)).to(device),
+                  torch.from_numpy(np.ascontiguousarray(faces)).to(device=device, dtype=torch.int32))
+
+    def _set(self, vertices: Tensor, faces: Tensor) -> None:  # [V, 3], [F, 3] int32
+        self.faces = faces
+        self.adjacency = FaceAdjacency(faces)
+        self.laplacian = UniformLaplacian(faces, len(vertices))
+        if hasattr(self, "parametrisation"):
+            self.parametrisation.rebuild(vertices, faces)
+        else:
+            self.parametrisation = SmoothParametrisation(vertices, faces, self.config.smoothing_lambda)
+
+    @property
+    def u(self) -> Tensor:
+        return self.parametrisation.u
+
+    def vertices(self) -> Tensor:  # [V, 3], differentiable w.r.t. ``u``
+        return self.parametrisation.vertices()
+
+    def numpy(self) -> Tuple[np.ndarray, np.ndarray]:  # vertices [V, 3] float32, faces [F, 3] int64
+        with torch.no_grad():
+            return self.vertices().cpu().numpy(), self.faces.cpu().numpy().astype(np.int64)
+
+    def remesh(self, face_count: int, geometry_optimizer: Optional[torch.optim.Optimizer] = None,
+               optimizer: Optional[torch.optim.Optimizer] = None, colors: Optional[Tensor] = None):
+        """Remesh toward the edge length of ``face_count`` even triangles; the optimisers follow the
+        new parameters (the colours and their moments are carried from the nearest old vertex).
+        Returns the carried colours (a new leaf) when ``colors`` are given."""
+        old_vertices, old_faces = self.numpy()
+        length = target_edge_length(old_vertices, old_faces, face_count)
+        new_vertices, new_faces = remesh(old_vertices, old_faces, length, iterations=self.config.remesh_iterations)
+        nearest = torch.from_numpy(nearest_vertices(old_vertices, new_vertices)).to(self.device)
+        old_u = self.u
+        self._set(torch.from_numpy(new_vertices).to(self.device), torch.from_numpy(new_faces).to(self.device))
+        if geometry_optimizer is not None:  # moments in u-space do not survive a new Laplacian
+            swap_parameter(geometry_optimizer, old_u, self.u)
+        if colors is None:
+            return None
+        carried = colors.detach()[nearest].clone().requires_grad_(True)
+        if optimizer is not None:
+            swap_parameter(optimizer, colors, carried, carry=lambda moment: moment[nearest])
+        return carried
 
 
 class _Clock:
@@ -224,8 +321,10 @@ def _view_schedule(count: int, batch: int, steps: int, rng: np.random.Generator)
 
 
 class _Previewer:
-    """Every ``every_s`` seconds (and at the last step): Progress, a Preview strip (render of the first
-    photo's view | that photo | a turntable frame) and Metrics with the mean loss since the last one."""
+    """Every ``every_s`` seconds (and at the last step): Progress, a Preview strip and Metrics with
+    the mean loss since the last one. The strip is the render of the first photo's view | that
+    photo | the same view grey and lit (the bare surface, as a lit viewer shows it) | a turntable
+    frame, grey and lit, so the shape can be watched converging."""
 
     def __init__(self, cameras: Cameras, up: np.ndarray, near: float, far: float, size: Tuple[int, int],
                  photo: Tensor, every_s: float, device: torch.device):
@@ -236,7 +335,9 @@ class _Previewer:
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         self.count = 0
 
-    def maybe(self, step: int, total: int, render: Callable, loss: Tensor):
+    def maybe(self, step: int, total: int, render: Callable, shade: Callable, loss: Tensor):
+        """``render(mats [B, 4, 4], background [B, 1, 1, 3]) -> (rgb, alpha)`` draws the current
+        model, ``shade(mats, background)`` its bare surface."""
         self.loss_sum += loss
         self.count += 1
         now = time.monotonic()
@@ -249,10 +350,12 @@ class _Previewer:
             spin_cam = Cameras(self.cameras.intrinsics[:1], spin[None], self.cameras.sizes[:1])
             spin_mat = torch.tensor(spin_cam.clip_matrices(self.size, self.near, self.far), dtype=torch.float32,
                                     device=self.device)
-            shown, _ = render(torch.cat([self.first_view, spin_mat]), torch.ones(2, 1, 1, 3, device=self.device))
-            strip = torch.cat([shown[0], self.photo, shown[1]], dim=1)
+            white = torch.ones(2, 1, 1, 3, device=self.device)
+            shown, _ = render(self.first_view, white[:1])
+            shaded, _ = shade(torch.cat([self.first_view, spin_mat]), white)
+            strip = torch.cat([shown[0], self.photo, shaded[0], shaded[1]], dim=1)
             image = (strip.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        yield Preview(STAGE, image, f"step {step + 1}: render | photo | turntable")
+        yield Preview(STAGE, image, f"step {step + 1}: render | photo | surface | turntable")
         yield Metrics(STAGE, {"loss": float(self.loss_sum) / self.count, "step": float(step + 1)})
         self.loss_sum.zero_()
         self.count = 0
