@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 REPO = Path(__file__).resolve().parents[1]
 LEGO = REPO / "tests" / "fixtures" / "lego_128"
 # Seconds, not quality: 12 views at 128 px, a coarse hull and a few refinement steps.
-TINY = ["--preset", "fast", "--set", "refine.iterations=10", "--set", "refine.views_per_step=2",
+TINY = ["--preset", "fast", "--set", "refine.iterations=4", "--set", "refine.views_per_step=2",
         "--set", "refine.texture_size=256", "--set", "hull.grid_resolution=48", "--set", "refine.mesh_faces=2000",
         "--set", "export.target_faces=2000"]
 
