@@ -146,11 +146,11 @@ def run_capture(entry: CaptureEntry, config: ReconstructionConfig, gpu_ids: List
     manifest row and, when it succeeded, the output files by name. The pipeline's errors become a
     "failed" row; only an interruption (Ray's cancel) propagates.
     """
+    started = time.time()  # a GPU task's worker is fresh: its seconds include importing torch
     from . import events  # noqa: PLC0415 (torch loads in the worker, not in the driver)
     from .importers import load_capture  # noqa: PLC0415
     from .reconstruct import reconstruct  # noqa: PLC0415
 
-    started = time.time()
     row = {"capture": entry.name, "status": "failed", "glb": None, "error": None, "metrics": {}, "seconds": None,
            "host": socket.gethostname(), "gpu": ",".join(gpu_ids) or None, "warnings": [], "timings": {},
            "started": started, "finished": None, "fingerprint": entry.fingerprint}

@@ -145,3 +145,18 @@ def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(PipelineError, match=r"needs Ray, which is not installed: pip install -r requirements-batch.txt"):
         batch.import_ray()
     assert main(["batch", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_bench_plan_and_summary():
+    from bench.batch_gpus import gpu_counts, summarise  # noqa: PLC0415
+
+    assert gpu_counts("", 1) == [1] and gpu_counts("", 4) == [1, 2, 4] and gpu_counts("", 6) == [1, 2, 4, 6]
+    assert gpu_counts("1,2,4", 2) == [1, 2] and gpu_counts("", 0) == []
+    rows = {name: {"capture": name, "status": "ok", "error": None, "seconds": 20.0, "host": "h", "gpu": gpu,
+                   "started": start, "finished": start + 20.0, "metrics": {"train_psnr": 25.0}}
+            for name, gpu, start in (("a", "0", 100.0), ("b", "1", 100.0), ("c", "0", 120.0))}
+    rows["d"] = {"capture": "d", "status": "failed", "error": "bad photo", "seconds": 0.1, "host": "h", "gpu": "1",
+                 "started": 120.0, "finished": 120.1, "metrics": {}}
+    summary = summarise(rows, wall_s=50.0, gpus=2)
+    assert summary["span_s"] == 40.0 and summary["captures_per_min"] == 4.5  # 3 ok in 40 s
+    assert summary["per_gpu"] == {"h:0": 2, "h:1": 1} and summary["failed"] == {"d": "bad photo"}
