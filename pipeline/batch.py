@@ -195,15 +195,27 @@ def _task(entry: CaptureEntry, config: ReconstructionConfig) -> Tuple[dict, Dict
     return run_capture(entry, config, [str(i) for i in ray.get_gpu_ids()])
 
 
+START_CLUSTER = "start it with `ray start --head` (and `ray start --address HEAD:6379` on the other machines)"
+
+
 def _start_ray(ray, address: Optional[str]) -> None:
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address is None:
         kwargs["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES
+    elif ":" in address and "://" not in address:  # HOST:PORT: Ray would retry a wrong one for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"cannot reach the Ray cluster at {address} ({exc}): check the address, or "
+                                f"{START_CLUSTER}") from None
     try:
         ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
-        raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}. Start it with `ray start --head` "
-                            "(and `ray start --address HEAD:6379` on the other machines)") from None
+        # Ray sends its token only to a cluster it found itself ("auto"), never to an address given.
+        token = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and "
+                 "RAY_AUTH_TOKEN=<the head's ~/.ray/auth_token>") if address != "auto" and not os.environ.get("RAY_AUTH_MODE") else ""
+        raise PipelineError(f"cannot reach the Ray cluster at {address}: {str(exc).rstrip('.')}; {START_CLUSTER}{token}") from None
 
 
 def _gpus_per_task(ray, gpus_per_job: float) -> float:
