@@ -139,6 +139,15 @@ def to_run(captures: List[CaptureEntry], rows: Dict[str, dict], out_dir: Path, r
     return [e for e in captures if not is_done(rows.get(e.name), out_dir) and (retry_failed or not failed_unchanged(e))]
 
 
+def new_row(entry: CaptureEntry, **values) -> dict:
+    """A manifest row for ``entry``: "failed" with nothing known, updated with ``values``."""
+    row = {"capture": entry.name, "status": "failed", "glb": None, "error": None, "metrics": {}, "seconds": None,
+           "host": None, "gpu": None, "warnings": [], "timings": {}, "started": None, "finished": None,
+           "fingerprint": entry.fingerprint}
+    row.update(values)
+    return row
+
+
 def run_capture(entry: CaptureEntry, config: ReconstructionConfig, gpu_ids: List[str]) -> Tuple[dict, Dict[str, bytes]]:
     """The body of one Ray task: reconstruct one capture in a temporary folder.
 
@@ -151,9 +160,7 @@ def run_capture(entry: CaptureEntry, config: ReconstructionConfig, gpu_ids: List
     from .importers import load_capture  # noqa: PLC0415
     from .reconstruct import reconstruct  # noqa: PLC0415
 
-    row = {"capture": entry.name, "status": "failed", "glb": None, "error": None, "metrics": {}, "seconds": None,
-           "host": socket.gethostname(), "gpu": ",".join(gpu_ids) or None, "warnings": [], "timings": {},
-           "started": started, "finished": None, "fingerprint": entry.fingerprint}
+    row = new_row(entry, host=socket.gethostname(), gpu=",".join(gpu_ids) or None, started=started)
     files: Dict[str, bytes] = {}
     tidy = str
     with tempfile.TemporaryDirectory(prefix="photo3d-batch-") as work:
@@ -234,7 +241,7 @@ def _outcome(ray, ref, entry: CaptureEntry) -> Optional[Tuple[dict, Dict[str, by
     """A finished task's (row, files); None when it was cancelled; a "failed" row when Ray lost it."""
     try:
         return ray.get(ref)
-    except (ray.exceptions.TaskCancelledError, KeyboardInterrupt):
+    except ray.exceptions.TaskCancelledError:
         return None
     except ray.exceptions.RayTaskError as exc:  # our task catches Exception: this is a cancel or an exit
         if isinstance(exc.cause, KeyboardInterrupt):
@@ -243,9 +250,7 @@ def _outcome(ray, ref, entry: CaptureEntry) -> Optional[Tuple[dict, Dict[str, by
     except ray.exceptions.RayError as exc:  # the worker died (killed for memory, crashed), the node was lost
         first = str(exc).strip().splitlines()
         message = f"the Ray worker died ({type(exc).__name__}: {first[0] if first else 'no message'}); see the logs under /tmp/ray/session_latest/logs"
-    return {"capture": entry.name, "status": "failed", "glb": None, "error": message, "metrics": {}, "seconds": None,
-            "host": None, "gpu": None, "warnings": [], "timings": {}, "started": None, "finished": time.time(),
-            "fingerprint": entry.fingerprint}, {}
+    return new_row(entry, error=message, finished=time.time()), {}
 
 
 def _record(out_dir: Path, manifest: Path, rows: Dict[str, dict], row: dict, files: Dict[str, bytes]) -> None:
@@ -328,9 +333,9 @@ def _run_tasks(ray, tqdm, todo, config, gpus_per_job, address, out_dir, manifest
         counts[row["status"]] += 1
         bar.update(1)
         bar.set_postfix(counts)
-        where = f"{row['host']} gpu {row['gpu']}" if row["gpu"] else (row["host"] or "?")
+        ran_on = f"{row['host']} gpu {row['gpu']}" if row["gpu"] else (row["host"] or "?")
         seconds = f"{row['seconds']:.1f} s" if row["seconds"] is not None else ""
-        bar.write(f"{row['status']:>6}  {entry.name}  {seconds}  {where}" + (f"  {row['error']}" if row["error"] else ""),
+        bar.write(f"{row['status']:>6}  {entry.name}  {seconds}  {ran_on}" + (f"  {row['error']}" if row["error"] else ""),
                   file=sys.stderr)
 
     try:
@@ -345,7 +350,7 @@ def _run_tasks(ray, tqdm, todo, config, gpus_per_job, address, out_dir, manifest
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for ref in pending:
             ray.cancel(ref)
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
+        ready = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)[0] if pending else []
         for ref in ready:  # a capture that finished before the cancel reached it is kept
             take(ref)
         return True
@@ -365,5 +370,5 @@ def format_summary(captures: List[CaptureEntry], rows: Dict[str, dict]) -> str:
                       row.get("host") or "", row.get("gpu") or ("cpu" if row.get("host") else ""),
                       f"{psnr:.2f}" if psnr is not None else "", row.get("error") or ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]
-                     for line in lines).rstrip()
+    return "\n".join(("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]).rstrip()
+                     for line in lines)
