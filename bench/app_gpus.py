@@ -4,9 +4,10 @@ document and writes it under bench/results/ (named with the date, GPU and commit
 Runs the pipeline on the bundled assets/lego_24 through `ui.devices` exactly as the app's handler
 does (`DevicePool.detect()`, which honours PHOTO3D_GPUS, and one `PipelineWorker` per job):
 
-- ``isolated`` (2+ GPUs): one job handed the last GPU, in a process that has touched no other; NVML
-  then lists this process on that GPU alone (no context on GPU 0: the job's thread is bound);
-- ``alone``: one job, its seconds: the baseline;
+- ``isolated`` (2+ GPUs): one job handed the last GPU, in a process that has touched no other; the
+  CUDA driver then reports a context of this process on that GPU alone (none on GPU 0: the job's
+  thread is bound to its GPU);
+- ``alone`` (after a short warm-up job on every GPU): one job, its seconds: the baseline;
 - ``together``: ``--jobs`` jobs (default: one per GPU of the pool) started at once: the device each
   got, the current CUDA device inside each job's thread, each job's seconds and the wall time;
   ``speedup`` = jobs x alone / wall (the pool's size at best).
@@ -17,6 +18,7 @@ does (`DevicePool.detect()`, which honours PHOTO3D_GPUS, and one `PipelineWorker
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -40,22 +43,25 @@ from ui.devices import DevicePool, PipelineWorker  # noqa: E402
 CAPTURE = REPO / "assets" / "lego_24"
 
 
-def gpus_with_this_process() -> list:
-    """Indices of the GPUs on which NVML lists this process (a CUDA context of ours), or None without NVML."""
+def gpus_with_context() -> Optional[List[int]]:
+    """The GPUs on which this process holds a CUDA (primary) context, from the driver API, which
+    can ask without creating one (NVML's process list shows host PIDs inside a container). None
+    when there is no CUDA driver."""
     try:
-        import pynvml  # noqa: PLC0415 (nvidia-ml-py)
-    except ImportError:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
         return None
-    pynvml.nvmlInit()
-    try:
-        found = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            if any(p.pid == os.getpid() for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)):
-                found.append(i)
-        return found
-    finally:
-        pynvml.nvmlShutdown()
+    count = ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return None
+    active = []
+    for ordinal in range(count.value):
+        device, flags, state = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+        if (cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0
+                and cuda.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(state)) == 0
+                and state.value):
+            active.append(ordinal)
+    return active
 
 
 def probed(capture, config, out_dir, device, name):
@@ -65,7 +71,7 @@ def probed(capture, config, out_dir, device, name):
     start = time.monotonic()
     for event in reconstruct(capture, config, out_dir, device=device, name=name):
         if isinstance(event, Result):
-            probe.update(seconds=round(time.monotonic() - start, 2), gpus_with_context=gpus_with_this_process(),
+            probe.update(seconds=round(time.monotonic() - start, 2), gpus_with_context=gpus_with_context(),
                          train_psnr=round(event.metrics["train_psnr"], 3))
         yield event
     yield probe
@@ -105,13 +111,17 @@ def main() -> int:
     config = apply_overrides(preset(args.preset), parse_overrides(args.overrides))
     capture = load_capture(CAPTURE, max_side=config.ingest.max_image_side)
     work = Path(tempfile.mkdtemp(prefix="app_gpus_"))
-    report = {"bench": "app_gpus", "gpu": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
+    report = {"bench": "app_gpus", "gpus_visible": torch.cuda.device_count(),
               "PHOTO3D_GPUS": os.environ.get("PHOTO3D_GPUS"), "pool": pool.size, "commit": _git_commit(),
               "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": args.overrides}
     if pool.size >= 2:  # first, while this process has no CUDA context anywhere
         last = f"cuda:{pool.size - 1}"
         report["isolated"] = run_jobs(DevicePool([last]), 1, capture, config, work / "isolated")
+    report["gpu"] = torch.cuda.get_device_name(0)  # only now: it may open a context on GPU 0
     preload()
+    # CUDA, nvdiffrast and the kernels start once per GPU: warm every GPU up, out of the timings.
+    warm = apply_overrides(preset(args.preset), {**parse_overrides(args.overrides), "refine.iterations": 50})
+    report["warmup_s"] = run_jobs(pool, pool.size, capture, warm, work / "warmup")["wall_s"]
     report["alone"] = run_jobs(pool, 1, capture, config, work / "alone")
     jobs = args.jobs or pool.size
     report["together"] = run_jobs(pool, jobs, capture, config, work / "together")
