@@ -84,7 +84,7 @@ def summarise(rows: Dict[str, dict], wall_s: float, gpus: int) -> dict:
     }
 
 
-def run_batch(captures: Path, out: Path, gpus: int, args) -> dict:
+def run_batch(captures: Path, out: Path, gpus: int, args, label: str = "") -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(visible_gpus()[:gpus]), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "pipeline", "batch", str(captures), "-o", str(out), "--preset", args.preset,
                "--gpus-per-job", str(args.gpus_per_job)] + [x for kv in args.overrides for x in ("--set", kv)]
@@ -95,7 +95,7 @@ def run_batch(captures: Path, out: Path, gpus: int, args) -> dict:
     result["exit_code"] = proc.returncode
     if proc.returncode not in (0, 1):  # 1: some captures failed (listed); anything else: the command did
         result["stderr_tail"] = proc.stderr.strip().splitlines()[-5:]
-    print(f"{gpus} GPU(s): {result['ok']}/{result['captures']} ok, {result['captures_per_min']} captures/min "
+    print(f"{label or f'{gpus} GPU(s)'}: {result['ok']}/{result['captures']} ok, {result['captures_per_min']} captures/min "
           f"over {result['span_s']} s ({result['wall_s']} s wall)", file=sys.stderr)
     return result
 
@@ -134,6 +134,10 @@ def main() -> int:
 
     report["ray"] = ray.__version__
     captures = args.captures or make_copies(work / "captures", copies)
+    # One capture first, untimed: what the first process on a machine pays once (e.g. building or
+    # loading nvdiffrast's kernels into their cache) stays out of the 1-GPU figure.
+    report["warmup"] = run_batch(make_copies(work / "warmup", 1), work / "out_warmup", min(counts[0], 1), args,
+                                 label="warm-up")
     report["runs"] = [run_batch(captures, work / f"out_{n}gpu", n, args) for n in counts]
     one = next((r for r in report["runs"] if r["gpus"] == 1 and r["captures_per_min"]), None)
     for run in report["runs"]:
