@@ -21,7 +21,7 @@ $(STAMP): requirements.txt .ci/install-python-deps
 
 setup-test: $(TEST_STAMP)
 
-$(TEST_STAMP): $(STAMP) requirements-dev.txt
+$(TEST_STAMP): $(STAMP) requirements-dev.txt requirements-batch.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	bash .ci/install-test-tools
 	touch $@

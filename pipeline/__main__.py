@@ -84,12 +84,46 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _add_batch(subparsers) -> None:
+    from .config import PRESETS  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "batch", help="every sub-folder (or .zip) of a folder -> one model each, as Ray tasks (local or a cluster)",
+        description="Reconstruct many captures, one Ray task each (pip install -r requirements-batch.txt). Results go "
+        "to OUT_DIR/NAME/ and one row per capture to OUT_DIR/manifest.jsonl; running it again skips the captures "
+        "done, so it resumes after a crash or Ctrl-C.",
+    )
+    p.add_argument("captures", help="folder with one sub-folder or .zip per capture")
+    p.add_argument("-o", "--output", required=True, help="output folder (OUT_DIR/NAME/NAME.glb, OUT_DIR/manifest.jsonl)")
+    p.add_argument("--preset", default="balanced", choices=list(PRESETS), help="quality preset (default: balanced)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting for every capture (see `reconstruct --list-settings`)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to use: auto (the one `ray start` started here) or HOST:PORT; default: start Ray locally")
+    p.add_argument("--gpus-per-job", type=float, default=1.0,
+                   help="GPUs each capture reserves (default 1; 0.5 runs two per GPU; ignored where there is no GPU)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed captures again even if their files are unchanged")
+    p.set_defaults(run=_run_batch)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from .batch import run_batch  # noqa: PLC0415
+    from .config import apply_overrides, parse_overrides, preset  # noqa: PLC0415
+
+    config = apply_overrides(preset(args.preset), parse_overrides(args.overrides))
+    return run_batch(Path(args.captures), Path(args.output), config, address=args.address,
+                     gpus_per_job=args.gpus_per_job, retry_failed=args.retry_failed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Photos of an object -> textured 3D model.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_reconstruct(subparsers)
     _add_eval(subparsers)
     _add_weights(subparsers)
+    _add_batch(subparsers)
     return parser
 
 

@@ -12,23 +12,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import events
-from .config import apply_overrides, describe, preset
+from .config import apply_overrides, describe, parse_overrides, preset
 from .errors import PipelineError
 from .importers import load_capture
 
 
 def _source(inputs: list[str]):
     return inputs[0] if len(inputs) == 1 and Path(inputs[0]).is_dir() else inputs
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise PipelineError(f"--set needs KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def print_settings(config) -> None:
@@ -42,7 +32,7 @@ def print_settings(config) -> None:
 def run_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct  # noqa: PLC0415 (imports torch; keep `--help` fast)
 
-    config = apply_overrides(preset(args.preset), _parse_overrides(args.overrides))
+    config = apply_overrides(preset(args.preset), parse_overrides(args.overrides))
     if args.list_settings:
         print_settings(config)
         return 0

@@ -132,6 +132,18 @@ def describe(config: Optional[ReconstructionConfig] = None) -> List[FieldSpec]:
     return specs
 
 
+def parse_overrides(pairs: Sequence[str]) -> Dict[str, str]:
+    """``["refine.iterations=300", ...]`` (the command line's ``--set``) -> {key: value}; values stay
+    strings for `apply_overrides` to check."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PipelineError(f"--set needs KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
 def preset(name: str) -> ReconstructionConfig:
     """A fresh config with the named preset applied (fast / balanced / high)."""
     if name not in PRESETS:

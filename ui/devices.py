@@ -3,6 +3,9 @@
 Nothing here initialises CUDA: counting GPUs goes through NVML, and the pipeline touches the GPU
 only inside a job. That keeps `python app.py --help` working without a GPU and keeps ZeroGPU,
 which forbids CUDA outside its decorated calls, happy.
+
+``PHOTO3D_GPUS=N`` makes the app use only the first N GPUs (``CUDA_VISIBLE_DEVICES`` picks which),
+and 0 the CPU, e.g. to leave GPUs to other work or to check the pool with one GPU.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import contextvars
 import importlib.util
 import os
 import queue
+import sys
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator, List
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, List
 
 from pipeline.capture import Capture
 from pipeline.config import ReconstructionConfig
@@ -26,12 +30,41 @@ def on_zero_gpu() -> bool:
     return bool(os.environ.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
 
 
+GPUS_VARIABLE = "PHOTO3D_GPUS"
+
+
 def gpu_count() -> int:
+    """The GPUs the app uses: those visible, or the first ``PHOTO3D_GPUS`` of them."""
     if on_zero_gpu():
         return 1  # ZeroGPU attaches one GPU to each decorated call
     import torch  # noqa: PLC0415 (torch loads slowly; the --help path never needs it)
 
-    return torch.cuda.device_count()  # via NVML: does not initialise CUDA
+    visible = torch.cuda.device_count()  # via NVML: does not initialise CUDA
+    wanted = os.environ.get(GPUS_VARIABLE, "").strip()
+    if not wanted:
+        return visible
+    if not wanted.isdigit():
+        print(f"warning: {GPUS_VARIABLE}={wanted!r} is not a number of GPUs; using all {visible}", file=sys.stderr)
+        return visible
+    if int(wanted) > visible:
+        print(f"warning: {GPUS_VARIABLE}={wanted} but {visible} GPU(s) visible; using {visible}", file=sys.stderr)
+    return min(int(wanted), visible)
+
+
+def bind_thread(device: str) -> ContextManager:
+    """Make ``device`` ("cuda:N") this thread's current CUDA device while the context lasts.
+
+    The pipeline puts its tensors on the device it is given, but whatever uses the current
+    device (nvdiffrast's context, `torch.cuda.synchronize()`, the cache it empties) would
+    otherwise land on GPU 0 for every job. The current device is per thread, and each job has
+    a thread of its own. "cpu" and a bare "cuda" (ZeroGPU, where CUDA must not be touched
+    before the decorated call) are left alone.
+    """
+    if not device.startswith("cuda:"):
+        return nullcontext()
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.device(torch.device(device))
 
 
 class DevicePool:
@@ -124,7 +157,7 @@ class PipelineWorker:
 
     def _work(self) -> None:
         try:
-            with self._pool.acquire() as device:
+            with self._pool.acquire() as device, bind_thread(device):
                 for event in self._run(*self._args, device=device, **self._kwargs):
                     self._events.put(event)
         except Exception as error:  # handed to the handler, which reports it to the user
