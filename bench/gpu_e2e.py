@@ -83,7 +83,7 @@ def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, 
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def bench_lego(data: Path, config, out: Path) -> dict:
+def bench_lego(data: Path, config, out: Path, measure_raw: bool = True) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     capture = load_capture(data / "lego", max_side=config.ingest.max_image_side)
@@ -98,7 +98,8 @@ def bench_lego(data: Path, config, out: Path) -> dict:
     refine = config.refine
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
     height = min(refine.render_resolution, capture.resolution[0])
-    raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size)
+    raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size) \
+        if measure_raw else float("nan")
     # The loops alone (the stage's time less its one-off setup: photo projection, atlas wait, bake).
     loop_ms = info["loop_ms_per_step"]
     return {

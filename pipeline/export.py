@@ -30,13 +30,12 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
-import fast_simplification
 import numpy as np
 import trimesh
 from PIL import Image
 
 from .errors import PipelineError
-from .mesh import TexturedMesh, welded_vertex_normals
+from .mesh import TexturedMesh, simplify, welded_vertex_normals
 from .refine.appearance import bake_texture, colors_from_texture, corner_positions
 from .render import Rasterizer
 from .uv import unwrap
@@ -51,32 +50,6 @@ _FLOAT, _UINT32 = 5126, 5125
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 _UNLIT = "KHR_materials_unlit"
-
-
-# --------------------------------------------------------------------------------------- simplify
-def simplify(
-    vertices: np.ndarray,  # [V, 3]
-    faces: np.ndarray,  # [F, 3]
-    target_faces: int,
-) -> Tuple[np.ndarray, np.ndarray]:  # vertices [V', 3] float64, faces [F', 3] int64
-    """Quadric edge-collapse decimation (fast-simplification) down to at most ``target_faces``.
-
-    Returns the input unchanged (as float64 / int64 arrays) when it has no more faces than that.
-    Faces that collapsed to a repeated vertex and vertices no face uses are dropped, so the result
-    is clean for xatlas and the glTF validator.
-    """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    if target_faces < 1:
-        raise ValueError(f"target_faces must be >= 1, got {target_faces}")
-    if len(faces) <= target_faces:
-        return vertices, faces
-    vertices, faces = fast_simplification.simplify(vertices, faces, target_count=int(target_faces))
-    faces = faces.astype(np.int64)
-    keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
-    faces = faces[keep]
-    used, faces = np.unique(faces, return_inverse=True)
-    return vertices[used], faces.reshape(-1, 3)
 
 
 # ------------------------------------------------------------------------------------------ frames

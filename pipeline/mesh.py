@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import fast_simplification
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,31 @@ def welded_vertex_normals(
     length = np.linalg.norm(normals, axis=1, keepdims=True)
     normals = np.where(length > 1e-20, normals / np.maximum(length, 1e-20), [0.0, 1.0, 0.0])
     return normals.astype(np.float32)
+
+
+def simplify(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    target_faces: int,
+) -> Tuple[np.ndarray, np.ndarray]:  # vertices [V', 3] float64, faces [F', 3] int64
+    """Quadric edge-collapse decimation (fast-simplification) down to at most ``target_faces``.
+
+    Returns the input unchanged (as float64 / int64 arrays) when it has no more faces than that.
+    Faces that collapsed to a repeated vertex and vertices no face uses are dropped, so the result
+    is clean for xatlas and the glTF validator.
+    """
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    if target_faces < 1:
+        raise ValueError(f"target_faces must be >= 1, got {target_faces}")
+    if len(faces) <= target_faces:
+        return vertices, faces
+    vertices, faces = fast_simplification.simplify(vertices, faces, target_count=int(target_faces))
+    faces = faces.astype(np.int64)
+    keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
+    faces = faces[keep]
+    used, faces = np.unique(faces, return_inverse=True)
+    return vertices[used], faces.reshape(-1, 3)
 
 
 def clip_range(cameras: Cameras, center: np.ndarray = np.zeros(3), radius: float = np.sqrt(3.0)) -> Tuple[float, float]:

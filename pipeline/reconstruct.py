@@ -226,7 +226,6 @@ def reconstruct(
         vertices, faces = hull_mesh(field)
         yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
         check_cancel(cancel)
-        vertices, faces = export.simplify(vertices, faces, config.refine.mesh_faces)
         timings["hull"] = _now() - start
         yield Metrics("hull", {"faces": float(len(faces)), "vertices": float(len(vertices))})
         yield StageFinished("hull", timings["hull"])

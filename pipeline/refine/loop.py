@@ -20,7 +20,8 @@ from torch import Tensor
 from ..cameras import Cameras, look_at
 from ..config import RefineConfig
 from ..events import Metrics, Preview, Progress
-from ..mesh import TexturedMesh, clip_range, render_colored, render_resolution, render_shaded, render_textured
+from ..mesh import (TexturedMesh, clip_range, render_colored, render_resolution, render_shaded, render_textured,
+                    simplify)
 from ..render import Rasterizer
 from ..uv import UnwrapJob
 from .appearance import PhotoProjector, texture_smoothness
@@ -114,6 +115,8 @@ def refine(
     # starting surface (the hull's or the topology pass's triangles).
     remesh_at = {geometry_steps * i // (config.remesh_passes + 1): config.mesh_faces // 2 ** (config.remesh_passes - i)
                  for i in range(config.remesh_passes + 1)} if config.remesh_passes > 0 else {}
+    if not remesh_at:  # the hull's triangles as they are, down to mesh_faces
+        vertices, faces = simplify(vertices, faces, config.mesh_faces)
     surface = _Surface(vertices, faces, config, device)
     if 0 in remesh_at:
         surface.remesh(remesh_at.pop(0))
