@@ -46,12 +46,15 @@ class HullConfig:
 @dataclass
 class RefineConfig:
     iterations: int = param(800, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
-    geometry_lr: float = param(2e-2, "Learning rate of the surface (its smooth parametrisation, scene units)",
+    geometry_lr: float = param(1e-2, "Learning rate of the surface (its smooth parametrisation, scene units)",
                                0.0, 0.2, 1e-3)
     texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
     smoothness: float = param(2.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
-    smoothing_lambda: float = param(19.0, "How smooth each geometry step is (lambda of the Large Steps "
+    smoothing_lambda: float = param(5.0, "How smooth each geometry step is (lambda of the Large Steps "
                                     "parametrisation (I + lambda L); 0 = raw vertex steps)", 0.0, 200.0, 1.0)
+    geometry_optimizer: str = param("adam", "Steps of the smooth parametrisation: Adam per coordinate (adam) or "
+                                    "one step size for the whole surface (uniform, Large Steps' AdamUniform)",
+                                    choices=("adam", "uniform"))
     normal_weight: float = param(0.1, "Weight of the normal-consistency prior (neighbouring faces agree; "
                                  "against folds and creases)", 0.0, 10.0, 0.01)
     remesh_passes: int = param(2, "Times the surface is remeshed to even triangles during the geometry pass, "

@@ -133,7 +133,8 @@ def refine(
         previewer = _Previewer(cameras, up, near, far, (height, width), photos[0] * alphas[0] + (1 - alphas[0]),
                                config.preview_every_s, device)
         adjust_poses = config.pose_refinement == "on" or (config.pose_refinement == "auto" and estimated_cameras)
-        geometry_optimizer = UniformAdam([surface.u], lr=config.geometry_lr)
+        geometry_optimizer = (UniformAdam([surface.u], lr=config.geometry_lr) if config.geometry_optimizer == "uniform"
+                              else torch.optim.Adam([surface.u], lr=config.geometry_lr, betas=(0.9, 0.99)))
         groups = [{"params": [colors], "lr": config.texture_lr}]
         if adjust_poses:
             poses = PoseCorrections(cameras, clip_mats, device)
