@@ -160,3 +160,52 @@ def test_normal_consistency_zero_when_flat_positive_when_crumpled():
     assert float(loss) > 0.01
     loss.backward()
     assert crumpled.grad.abs().sum() > 0
+
+
+def test_large_steps_fits_cube_silhouettes_without_folding_where_plain_adam_folds():
+    """Why the parametrisation exists: the same silhouettes, the same step size, 50 steps each. Plain Adam on
+    raw positions crumples the surface; Large Steps + UniformAdam (with one remesh) stays unfolded."""
+    from test_render_optimize import _cube, _silhouettes, _views  # noqa: PLC0415
+
+    size, steps, lr = 64, 50, 0.03
+    mats = _views(size)
+    with torch.no_grad():
+        target = _silhouettes(*_cube(), mats, size)
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    start_vertices, start_faces = remesh(0.5 * sphere.vertices, sphere.faces,
+                                         target_edge_length(0.5 * sphere.vertices, sphere.faces, 2000), 3)
+
+    def silhouette_loss(vertices, faces):
+        return ((_silhouettes(vertices, faces, mats, size) - target) ** 2).mean()
+
+    def iou(vertices, faces):
+        with torch.no_grad():
+            mine, truth = _silhouettes(vertices, faces, mats, size) > 0.5, target > 0.5
+        return float(((mine & truth).flatten(1).sum(1) / (mine | truth).flatten(1).sum(1)).mean())
+
+    faces = torch.tensor(start_faces)
+    raw = torch.tensor(start_vertices).requires_grad_(True)
+    adam = torch.optim.Adam([raw], lr=lr)
+    for _ in range(steps):
+        adam.zero_grad()
+        silhouette_loss(raw, faces).backward()
+        adam.step()
+
+    param = SmoothParametrisation(torch.tensor(start_vertices), faces, lambda_=19.0)
+    optimizer = UniformAdam([param.u], lr=lr)
+    for step in range(steps):
+        if step == steps // 2:  # a remesh mid-way: new connectivity, new solve, the optimiser re-pointed
+            old = param.vertices().detach().numpy()
+            new_vertices, new_faces = remesh(old, faces.numpy(), target_edge_length(old, faces.numpy(), 2000), 3)
+            faces, old_u = torch.tensor(new_faces), param.u
+            swap_parameter(optimizer, old_u, param.rebuild(torch.tensor(new_vertices), faces))
+        optimizer.zero_grad()
+        silhouette_loss(param.vertices(), faces).backward()
+        optimizer.step()
+    smooth = param.vertices().detach()
+
+    assert iou(torch.tensor(start_vertices), torch.tensor(start_faces)) < 0.6  # the sphere starts far off
+    assert iou(smooth, faces) > 0.85
+    assert fold_over_pct(smooth.numpy(), faces.numpy()) <= 1.0
+    assert iou(raw.detach(), torch.tensor(start_faces)) > 0.85  # plain Adam fits too ...
+    assert fold_over_pct(raw.detach().numpy(), start_faces) > 5.0  # ... by crumpling the surface
