@@ -114,3 +114,58 @@ def test_extraction_gradient_matches_finite_differences():
         args_plus[slot], args_minus[slot] = plus.view_as(param), minus.view_as(param)
         numeric = (objective(*args_plus) - objective(*args_minus)) / (2 * eps)
         assert float(grad.reshape(-1)[index]) == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
+
+
+def test_a_torus_comes_back_with_its_hole_from_a_start_with_the_hole_closed():
+    phi = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    torus = revolve(np.stack([0.55 + 0.25 * np.cos(phi), 0.25 * np.sin(phi)], 1), closed=True)
+    rasterizer = Rasterizer(backend="torch", device="cpu")
+    capture = render_capture(torus, orbit_cameras(16, 64, np.zeros(3), 3.0, fov_degrees=45, min_elevation=-0.3),
+                             rasterizer)
+    inside = carve_visual_hull(capture.cameras, capture.masks, resolution=16) > 0.5
+    for dilation in range(1, 6):  # a coarse hull, dilated until the hole is closed
+        start = ndimage.binary_dilation(inside, iterations=dilation).astype(np.float32)
+        if welded_euler(*hull_mesh(start)) == 2:
+            break
+    assert welded_euler(*hull_mesh(start)) == 2, "the starting shape must have genus 0"
+    config = RefineConfig(topology_steps=40, topology_grid_resolution=24, topology_render_resolution=64,
+                          topology_views_per_step=4)
+    events, (vertices, faces) = run(fit_topology(start, capture.cameras, capture.images, capture.masks, config,
+                                                 rasterizer))
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
+    assert welded_euler(vertices, faces) == 0  # genus 1
+    assert len(mesh.split(only_watertight=False)) == 1
+    metrics = [e for e in events if type(e).__name__ == "Metrics"][-1].values
+    assert metrics["topology_euler_characteristic"] == 0 and metrics["topology_faces"] == len(faces)
+
+
+def test_a_cup_seen_from_above_gets_its_inside_back():
+    r_in, r_out, rim, floor, bottom = 0.6, 0.75, 0.45, -0.25, -0.4
+    cup = revolve([(0, bottom), (r_out, bottom), (r_out, rim), (r_in, rim), (r_in, floor), (0, floor)], closed=False)
+    rasterizer = Rasterizer(backend="torch", device="cpu")
+    capture = render_capture(cup, orbit_cameras(24, 64, np.zeros(3), 3.0, fov_degrees=45, min_elevation=0.5),
+                             rasterizer)
+    field = carve_visual_hull(capture.cameras, capture.masks, resolution=64)
+    diagonal = float(np.linalg.norm(cup.vertices.max(0) - cup.vertices.min(0)))
+
+    def in_cavity(points):  # the inner walls and floor, and whatever a reconstruction puts there
+        return (np.hypot(points[:, 0], points[:, 2]) < (r_in + r_out) / 2) & (points[:, 1] > (floor + bottom) / 2)
+
+    truth = trimesh.Trimesh(cup.vertices, cup.faces, process=False).sample(20000, seed=0)
+    truth = truth[in_cavity(truth)]
+
+    def inside_distance(vertices, faces):  # symmetric mean distance in the cavity, fraction of the diagonal
+        points = trimesh.Trimesh(vertices, faces, process=False).sample(20000, seed=0)
+        points = points[in_cavity(points)]
+        return 0.5 * (cKDTree(truth).query(points)[0].mean() + cKDTree(points).query(truth)[0].mean()) / diagonal
+
+    hull_distance = inside_distance(*hull_mesh(field))
+    config = RefineConfig(topology_steps=150, topology_grid_resolution=32, topology_render_resolution=64,
+                          topology_views_per_step=4)
+    _, (vertices, faces) = run(fit_topology(field, capture.cameras, capture.images, capture.masks, config, rasterizer))
+    distance = inside_distance(vertices, faces)
+    print(f"cup inside: hull {hull_distance:.3f}, topology pass {distance:.4f} of the diagonal")
+    assert hull_distance > 0.10
+    assert distance <= 0.02
+    assert trimesh.Trimesh(vertices, faces, process=False).is_watertight

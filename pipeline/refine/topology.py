@@ -138,7 +138,7 @@ class TetGrid:
         with torch.no_grad():
             # Each tetrahedron's case from slices of the inside grid: no index arrays over all cubes.
             cases = torch.stack([
-                sum(inside[i:i + res, j:j + res, k:k + res].to(torch.int64) << bit
+                sum(inside[i:i + res, j:j + res, k:k + res].to(torch.uint8) << bit
                     for bit, (i, j, k) in enumerate(_TET_CORNERS[tet].tolist()))
                 for tet in range(6)
             ]).view(6, -1)  # [6, R^3]
@@ -146,7 +146,7 @@ class TetGrid:
             i, rest = cube // (res * res), cube % (res * res)
             first = (i * (res + 1) + rest // res) * (res + 1) + rest % res  # grid vertex of the cube's corner 000
             corners = first[:, None] + self._corner_offsets[tet]  # [M, 4] grid vertices
-            local = self._triangles[tet, cases[tet, cube]]  # [M, 2, 3] local edges
+            local = self._triangles[tet, cases[tet, cube].long()]  # [M, 2, 3] local edges
             owner, slot = torch.nonzero(local[:, :, 0] >= 0, as_tuple=True)  # triangle -> tetrahedron, slot [T]
             ends = corners[owner].gather(1, self._edges[local[owner, slot]].view(-1, 6)).view(-1, 3, 2)  # [T, 3, 2]
             keys = ends.amin(-1) * n + ends.amax(-1)  # [T, 3] one id per undirected grid edge
