@@ -72,6 +72,20 @@ class RefineConfig:
     pose_lr: float = param(1e-3, "Learning rate of the camera corrections (radians, scene units)", 0.0, 1e-2, 1e-4)
     preview_every_s: float = param(1.0, "Seconds between live preview renders", 0.2, 10.0, 0.1)
     seed: int = param(0, "Random seed (view order, background colours)", 0, 2**31 - 1, 1)
+    topology_steps: int = param(0, "Steps of the first pass whose surface can change topology (an SDF on a grid, "
+                                "from the visual hull; 0 = start from the hull mesh)", 0, 5000, 50)
+    topology_grid_resolution: int = param(64, "Cells per side of the topology pass's SDF grid", 16, 160, 8)
+    topology_lr: float = param(0.3, "Topology pass: how far the surface may move per step (grid cells)", 0.0, 2.0, 0.05)
+    topology_render_resolution: int = param(128, "Topology pass: longer side of the renders (pixels)", 32, 1024, 16)
+    topology_views_per_step: int = param(4, "Topology pass: photos compared per step", 1, 32, 1)
+    topology_color_resolution: int = param(32, "Topology pass: cells per side of the colour volume", 4, 128, 4)
+    topology_mask_weight: float = param(1.0, "Topology pass: weight of the silhouette loss", 0.0, 10.0, 0.1)
+    topology_consistency_weight: float = param(1.0, "Topology pass: weight of the cross-view photo consistency "
+                                               "(pulls the surface into concavities)", 0.0, 10.0, 0.1)
+    topology_free_space_weight: float = param(1.0, "Topology pass: weight of the free-space term (grid points "
+                                              "on background in some photo are pushed outside)", 0.0, 10.0, 0.1)
+    topology_sdf_weight: float = param(0.2, "Topology pass: weight of the SDF sign-change regulariser "
+                                       "(decays over the first quarter)", 0.0, 2.0, 0.01)
 
 
 @dataclass
