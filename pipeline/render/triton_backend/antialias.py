@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..torch_backend.antialias import CROSSING_TOLERANCE as _TOLERANCE
 from ..torch_backend.antialias import GRAD_DY_EPS, _opposite_vertices
-from .rasterize import INDEX_LIMIT, PIXELS_PER_PROGRAM, decode_id, signbit
+from .rasterize import INDEX_LIMIT, LAUNCH, decode_id, signbit
 
 CROSSING_TOLERANCE = tl.constexpr(_TOLERANCE)  # globals read inside kernels must be constexpr
 
@@ -139,7 +139,7 @@ def _blend(color_ptr, out_ptr, rast_ptr, pos_ptr, tri_ptr, opp_ptr, pixel, inb, 
     tl.atomic_add(out_ptr + target[:, None] * channels + c, alpha[:, None] * (c1 - c0), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "height", "width"])
 def _antialias_kernel(color_ptr, out_ptr, rast_ptr, pos_ptr, tri_ptr, opp_ptr, num_pixels, num_tris, num_verts,
                       height, width, half_w, half_h, channels, CHANNELS: tl.constexpr, INSTANCED: tl.constexpr,
                       BLOCK: tl.constexpr):
@@ -210,7 +210,7 @@ def _blend_backward(color_ptr, grad_out_ptr, grad_color_ptr, grad_pos_ptr, rast_
             _add_screen_gradient(grad_pos_ptr, pos_ptr, ve, needs_grad, g_x2, g_y2, half_w, half_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "height", "width"])
 def _antialias_backward_kernel(color_ptr, grad_out_ptr, grad_color_ptr, grad_pos_ptr, rast_ptr, pos_ptr, tri_ptr,
                                opp_ptr, num_pixels, num_tris, num_verts, height, width, half_w, half_h, channels, eps,
                                CHANNELS: tl.constexpr, INSTANCED: tl.constexpr, NEED_COLOR: tl.constexpr,
@@ -238,11 +238,11 @@ class _Antialias(torch.autograd.Function):
         num_pixels = batch * height * width
         out = color.clone()
         instanced = pos.dim() == 3
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _antialias_kernel[grid](color, out, rast, pos, tri, opposite, num_pixels, tri.shape[0], pos.shape[-2],
                                 height, width, 0.5 * width, 0.5 * height, channels,
                                 CHANNELS=triton.next_power_of_2(channels), INSTANCED=instanced,
-                                BLOCK=PIXELS_PER_PROGRAM)
+                                BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         ctx.save_for_backward(color, rast, pos, tri, opposite)
         return out
 
@@ -255,13 +255,13 @@ class _Antialias(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_color = grad_out.clone() if need_color else None
         grad_pos = torch.zeros_like(pos) if need_pos else None
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _antialias_backward_kernel[grid](
             color, grad_out, color if grad_color is None else grad_color, pos if grad_pos is None else grad_pos,
             rast, pos, tri, opposite, num_pixels, tri.shape[0], pos.shape[-2], height, width,
             0.5 * width, 0.5 * height, channels, GRAD_DY_EPS,
             CHANNELS=triton.next_power_of_2(channels), INSTANCED=pos.dim() == 3,
-            NEED_COLOR=need_color, NEED_POS=need_pos, BLOCK=PIXELS_PER_PROGRAM)
+            NEED_COLOR=need_color, NEED_POS=need_pos, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         return grad_color, None, grad_pos, None, None
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rasterize import INDEX_LIMIT, PIXELS_PER_PROGRAM, decode_id
+from .rasterize import INDEX_LIMIT, LAUNCH, decode_id
 
 
 
@@ -37,7 +37,7 @@ def _corners(rast_ptr, attr_ptr, tri_ptr, pixel, inb, num_tris, num_verts, hw, c
     return covered, u, v, r0, r1, r2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "hw"])
 def _interpolate_kernel(attr_ptr, rast_ptr, tri_ptr, db_ptr, diff_ptr, out_ptr, out_da_ptr,
                         num_pixels, num_tris, num_verts, hw, channels, num_diff,
                         ATTR_BATCHED: tl.constexpr, BLOCK: tl.constexpr, CHANNELS: tl.constexpr,
@@ -73,7 +73,7 @@ def _interpolate_kernel(attr_ptr, rast_ptr, tri_ptr, db_ptr, diff_ptr, out_ptr, 
         tl.store(out_da_ptr + base + 1, tl.where(dm, dadu * db1 + dadv * db3, 0.0), mask=wm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "hw"])
 def _interpolate_backward_kernel(attr_ptr, rast_ptr, tri_ptr, db_ptr, diff_ptr, grad_out_ptr, grad_da_ptr,
                                  grad_attr_ptr, grad_rast_ptr, grad_db_ptr,
                                  num_pixels, num_tris, num_verts, hw, channels, num_diff,
@@ -144,11 +144,11 @@ class _Interpolate(torch.autograd.Function):
         out = torch.empty(batch, height, width, channels, dtype=torch.float32, device=attr.device)
         out_da = torch.empty(batch, height, width, 2 * num_diff, dtype=torch.float32, device=attr.device)
         batched = attr.dim() == 3 and attr.shape[0] > 1
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _interpolate_kernel[grid](
             attr, rast, tri, rast if rast_db is None else rast_db, tri if diff is None else diff, out, out_da,
             num_pixels, tri.shape[0], attr.shape[-2], height * width, channels, num_diff,
-            ATTR_BATCHED=batched, BLOCK=PIXELS_PER_PROGRAM, CHANNELS=triton.next_power_of_2(channels),
+            ATTR_BATCHED=batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"], CHANNELS=triton.next_power_of_2(channels),
             DIFF=triton.next_power_of_2(num_diff) if num_diff else 0)
         ctx.save_for_backward(attr, rast, tri, rast_db, diff)
         ctx.batched = batched
@@ -168,14 +168,14 @@ class _Interpolate(torch.autograd.Function):
         grad_attr = torch.zeros_like(attr) if need_attr else None
         grad_rast = torch.empty_like(rast) if need_rast else None
         grad_db = torch.zeros_like(rast_db) if need_db else None
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _interpolate_backward_kernel[grid](
             attr, rast, tri, rast if rast_db is None else rast_db, tri if diff is None else diff,
             grad_out.contiguous(), grad_da.contiguous() if num_diff else grad_out,
             attr if grad_attr is None else grad_attr, rast if grad_rast is None else grad_rast,
             rast if grad_db is None else grad_db,
             num_pixels, tri.shape[0], attr.shape[-2], height * width, channels, num_diff,
-            ATTR_BATCHED=ctx.batched, BLOCK=PIXELS_PER_PROGRAM, CHANNELS=triton.next_power_of_2(channels),
+            ATTR_BATCHED=ctx.batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"], CHANNELS=triton.next_power_of_2(channels),
             DIFF=triton.next_power_of_2(num_diff) if num_diff else 0,
             NEED_ATTR=need_attr, NEED_RAST=need_rast, NEED_DB=need_db)
         return grad_attr, grad_rast, None, grad_db, None

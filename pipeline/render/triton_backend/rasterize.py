@@ -2,7 +2,7 @@
 
 1. Visibility (no autograd). One kernel sets up every (image, triangle) instance, as the torch
    backend does (vertices snapped to a 1/16-pixel grid in float64, culling, pixel bounding box),
-   and tests the pixels of the instances whose bounding box holds at most `SMALL_BOX` pixels,
+   and tests the pixels of the instances whose bounding box holds at most `MEDIUM_BOX` pixels,
    which at the refinement's sizes is nearly all of them: one lane per (triangle, pixel) pair,
    exact int64 edge functions with the top-left fill rule, depth interpolated in float64, and an
    ``atomic_min`` of the packed (depth, triangle id) key into the z-buffer. A second kernel gives
@@ -43,12 +43,18 @@ def _interpreted() -> bool:
 
 
 INTERPRETED = _interpreted()
-# Work per program. The interpreter pays per operation and per program, not per lane, so it gets
-# few, wide programs; the results do not depend on these sizes.
-SMALL_BOX = 64 if INTERPRETED else 16  # bounding boxes of at most this many pixels: tested in the setup kernel
-_INSTANCES_PER_PROGRAM = 1024 if INTERPRETED else 64
-_LARGE_BLOCK = 4096 if INTERPRETED else 256  # pixels per step of a large instance's walk over its box
-PIXELS_PER_PROGRAM = 4096 if INTERPRETED else 256
+# Launch configuration (read at every launch; bench/render_speed.py tries others). The interpreter
+# pays per operation and per program, not per lane, so it gets few, wide programs; results do not
+# depend on these sizes.
+LAUNCH = {
+    "instances": 1024 if INTERPRETED else 32,  # triangle instances per program of the visibility kernel
+    "lanes": 64 if INTERPRETED else 16,  # pixels of each instance tested at once there
+    "visibility_warps": 4 if INTERPRETED else 8,
+    "large_block": 4096 if INTERPRETED else 256,  # pixels per step of a large instance's walk over its box
+    "pixels": 4096 if INTERPRETED else 256,  # pixels per program of every per-pixel kernel
+    "warps": 4,  # warps per program of the per-pixel kernels
+}
+MEDIUM_BOX = 1024 if INTERPRETED else 256  # larger bounding boxes get a program of their own
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 # Kernels index pixels and vertex components with int32.
 INDEX_LIMIT = 2**31 - 1
@@ -171,24 +177,28 @@ def _test_pixels(winner_ptr, valid, local, image, face, x0, x1, x2, y0, y1, y2, 
     tl.atomic_min(winner_ptr + pixel, key, mask=inside)
 
 
-@triton.jit
-def _visibility_small_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, winner_ptr, count_ptr,
-                             num_instances, num_tris, num_verts, height, width, x_scale, y_scale,
-                             RANGED: tl.constexpr, BLOCK: tl.constexpr, SMALL: tl.constexpr):
+@triton.jit(do_not_specialize=["num_instances", "num_tris", "num_verts", "height", "width"])
+def _visibility_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, winner_ptr, count_ptr,
+                       num_instances, num_tris, num_verts, height, width, x_scale, y_scale,
+                       RANGED: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, MEDIUM: tl.constexpr):
+    """Set up BLOCK instances and test the pixels of those with at most MEDIUM in their bounding
+    box, LANES pixels of each at a time (neighbouring triangles of a mesh have similar sizes, so
+    few lanes idle); the count of each instance's pixels goes to ``count_ptr``."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = t < num_instances
     (image, face, x0, x1, x2, y0, y1, y2, zw0, zw1, zw2, area, col_lo, row_lo, ncols,
      count) = _setup(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, t, live, num_tris, num_verts, height, width,
-                                      x_scale, y_scale, RANGED)
+                     x_scale, y_scale, RANGED)
     tl.store(count_ptr + t, count, mask=live)
-    local = tl.arange(0, SMALL)[None, :]
-    valid = (local < count[:, None]) & (count[:, None] <= SMALL)
-    _test_pixels(winner_ptr, valid, local, image[:, None], face[:, None], x0[:, None], x1[:, None], x2[:, None],
-                 y0[:, None], y1[:, None], y2[:, None], zw0[:, None], zw1[:, None], zw2[:, None], area[:, None],
-                 col_lo[:, None], row_lo[:, None], ncols[:, None], height, width)
+    here = tl.where(count <= MEDIUM, count, 0)[:, None]
+    for start in range(0, tl.max(here), LANES):
+        local = start + tl.arange(0, LANES)[None, :]
+        _test_pixels(winner_ptr, local < here, local, image[:, None], face[:, None], x0[:, None], x1[:, None],
+                     x2[:, None], y0[:, None], y1[:, None], y2[:, None], zw0[:, None], zw1[:, None], zw2[:, None],
+                     area[:, None], col_lo[:, None], row_lo[:, None], ncols[:, None], height, width)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tris", "num_verts", "height", "width"])
 def _visibility_large_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, winner_ptr, large_ptr,
                              num_tris, num_verts, height, width, x_scale, y_scale, RANGED: tl.constexpr,
                              BLOCK: tl.constexpr):
@@ -226,7 +236,7 @@ def _pixel_centre(pixel, height, width, xs, ys, x_offset, y_offset):
     return col.to(tl.float32) * xs + x_offset, row.to(tl.float32) * ys + y_offset
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_verts", "height", "width"])
 def _barycentrics_kernel(winner_ptr, pos_ptr, tri_ptr, rast_ptr, db_ptr, num_pixels, num_verts, height, width,
                          xs, ys, x_offset, y_offset, RANGED: tl.constexpr, BLOCK: tl.constexpr):
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -288,7 +298,7 @@ def _barycentrics_kernel(winner_ptr, pos_ptr, tri_ptr, rast_ptr, db_ptr, num_pix
     tl.store(db_ptr + out + 3, tl.where(covered, dfydy * (b1 * dady - da1dy), 0.0), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "height", "width"])
 def _barycentrics_backward_kernel(rast_ptr, grad_rast_ptr, grad_db_ptr, pos_ptr, tri_ptr, grad_pos_ptr,
                                   num_pixels, num_tris, num_verts, height, width, xs, ys, x_offset, y_offset,
                                   RANGED: tl.constexpr, GRAD_DB: tl.constexpr, BLOCK: tl.constexpr):
@@ -450,14 +460,15 @@ def visibility(
     tri_arg = tri_of if ranged else tri
     sub = 1 << (_SUBPIXEL_BITS - 1)
     scales = (float(width * sub), float(height * sub))
-    grid = (triton.cdiv(instances, _INSTANCES_PER_PROGRAM),)
-    _visibility_small_kernel[grid](pos, tri, image_arg, tri_arg, winner, count, instances, num_tris, num_verts,
-                                   height, width, *scales, RANGED=ranged, BLOCK=_INSTANCES_PER_PROGRAM,
-                                   SMALL=SMALL_BOX)
-    large = torch.nonzero(count > SMALL_BOX).squeeze(1).to(torch.int32)
+    grid = (triton.cdiv(instances, LAUNCH["instances"]),)
+    _visibility_kernel[grid](pos, tri, image_arg, tri_arg, winner, count, instances, num_tris, num_verts,
+                             height, width, *scales, RANGED=ranged, BLOCK=LAUNCH["instances"],
+                             LANES=LAUNCH["lanes"], MEDIUM=MEDIUM_BOX, num_warps=LAUNCH["visibility_warps"])
+    large = torch.nonzero(count > MEDIUM_BOX).squeeze(1).to(torch.int32)
     if large.numel():
         _visibility_large_kernel[(large.numel(),)](pos, tri, image_arg, tri_arg, winner, large, num_tris, num_verts,
-                                                   height, width, *scales, RANGED=ranged, BLOCK=_LARGE_BLOCK)
+                                                   height, width, *scales, RANGED=ranged, BLOCK=LAUNCH["large_block"],
+                                                   num_warps=LAUNCH["warps"])
     return winner
 
 
@@ -470,9 +481,9 @@ class _Rasterize(torch.autograd.Function):
         rast = torch.empty(batch, height, width, 4, dtype=torch.float32, device=pos.device)
         rast_db = torch.empty_like(rast)
         constants = _pixel_constants(height, width)
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _barycentrics_kernel[grid](winner, pos, tri, rast, rast_db, num_pixels, pos.shape[-2], height, width,
-                                   *constants, RANGED=ranged, BLOCK=PIXELS_PER_PROGRAM)
+                                   *constants, RANGED=ranged, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         ctx.save_for_backward(pos, tri, rast)
         ctx.ranged, ctx.grad_db = ranged, grad_db
         if not grad_db:
@@ -485,11 +496,11 @@ class _Rasterize(torch.autograd.Function):
         batch, height, width, _ = rast.shape
         num_pixels = batch * height * width
         grad_pos = torch.zeros_like(pos)
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _barycentrics_backward_kernel[grid](
             rast, grad_rast.contiguous(), grad_db.contiguous() if ctx.grad_db else grad_rast, pos, tri, grad_pos,
             num_pixels, tri.shape[0], pos.shape[-2], height, width, *_pixel_constants(height, width),
-            RANGED=ctx.ranged, GRAD_DB=ctx.grad_db, BLOCK=PIXELS_PER_PROGRAM)
+            RANGED=ctx.ranged, GRAD_DB=ctx.grad_db, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         return grad_pos, None, None, None, None, None, None, None
 
 

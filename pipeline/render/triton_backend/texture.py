@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import torch_backend
 from ..torch_backend.texture import mip_pyramid
-from .rasterize import INDEX_LIMIT, PIXELS_PER_PROGRAM
+from .rasterize import INDEX_LIMIT, LAUNCH
 
 _BOUNDARY = {"wrap": 0, "clamp": 1, "zero": 2}
 
@@ -148,7 +148,7 @@ def _prepare(uv_ptr, uv_da_ptr, pixel, inb, tex_w, tex_h, top, BOUNDARY: tl.cons
     return u, v, frac, has_frac, level0, level1, g0, g1, g2, g3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "pixels_per_tex", "batch_stride", "tex_w", "tex_h", "top"])
 def _texture_kernel(tex_ptr, levels_ptr, uv_ptr, uv_da_ptr, out_ptr, num_pixels, pixels_per_tex, batch_stride,
                     channels, tex_w, tex_h, top, BOUNDARY: tl.constexpr, MIP: tl.constexpr, CHANNELS: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -174,7 +174,7 @@ def _scatter(grad_tex_ptr, g, weight, a00, a01, a10, a11, m00, m01, m10, m11, fx
     tl.atomic_add(grad_tex_ptr + a11, gw * fx * fy, mask=m11)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "pixels_per_tex", "batch_stride", "tex_w", "tex_h", "top"])
 def _texture_backward_kernel(tex_ptr, levels_ptr, uv_ptr, uv_da_ptr, grad_out_ptr, grad_tex_ptr, grad_uv_ptr,
                              grad_uv_da_ptr, num_pixels, pixels_per_tex, batch_stride, channels, tex_w, tex_h, top,
                              BOUNDARY: tl.constexpr, MIP: tl.constexpr, CHANNELS: tl.constexpr,
@@ -232,10 +232,10 @@ class _Texture(torch.autograd.Function):
         out = torch.empty(batch, height, width, channels, dtype=torch.float32, device=uv.device)
         args = (num_pixels, height * width if tex_batch > 1 else num_pixels, flat.shape[1], channels, tex_w, tex_h,
                 levels.shape[0] - 1)
-        grid = (triton.cdiv(num_pixels, PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(num_pixels, LAUNCH["pixels"]),)
         _texture_kernel[grid](flat, levels, uv, uv if uv_da is None else uv_da, out, *args,
                               BOUNDARY=_BOUNDARY[boundary], MIP=mip, CHANNELS=triton.next_power_of_2(channels),
-                              BLOCK=PIXELS_PER_PROGRAM)
+                              BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         ctx.save_for_backward(flat, levels, uv, uv_da)
         ctx.args, ctx.boundary = args, boundary
         return out
@@ -250,13 +250,13 @@ class _Texture(torch.autograd.Function):
         grad_uv = torch.empty_like(uv) if need_uv else None
         grad_uv_da = torch.empty_like(uv_da) if need_uv_da else None
         channels = ctx.args[3]
-        grid = (triton.cdiv(ctx.args[0], PIXELS_PER_PROGRAM),)
+        grid = (triton.cdiv(ctx.args[0], LAUNCH["pixels"]),)
         _texture_backward_kernel[grid](
             flat, levels, uv, uv if uv_da is None else uv_da, grad_out.contiguous(),
             flat if grad_flat is None else grad_flat, uv if grad_uv is None else grad_uv,
             uv if grad_uv_da is None else grad_uv_da, *ctx.args,
             BOUNDARY=_BOUNDARY[ctx.boundary], MIP=mip, CHANNELS=triton.next_power_of_2(channels),
-            NEED_TEX=need_tex, NEED_UV=need_uv, NEED_UV_DA=need_uv_da, BLOCK=PIXELS_PER_PROGRAM)
+            NEED_TEX=need_tex, NEED_UV=need_uv, NEED_UV_DA=need_uv_da, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
         return grad_flat, None, grad_uv, grad_uv_da, None, None
 
 
