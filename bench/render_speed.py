@@ -34,8 +34,11 @@ from pipeline.render import Rasterizer, nvdiffrast_available, triton_available  
 VARIANTS = {  # triton launch configurations tried with --variants (changes to the defaults)
     "pixels128": {"pixels": 128},
     "pixels512_warps8": {"pixels": 512, "warps": 8},
-    "visibility_instances16_warps4": {"instances": 16, "visibility_warps": 4},
-    "visibility_instances64_warps8": {"instances": 64, "visibility_warps": 8},
+    "items32": {"items": 32},
+    "items8_warps2": {"items": 8, "raster_warps": 2},
+    "lanes8_items32": {"lanes": 8, "items": 32},
+    "lanes32_items8": {"lanes": 32, "items": 8},
+    "setup128": {"setup": 128},
 }
 
 
@@ -130,6 +133,40 @@ def bench_backend(backend: str, s: dict, repeats: int) -> dict:
     }
 
 
+def agreement(s: dict) -> dict:
+    """The triton kernels against the torch reference on this scene: triangle ids, rast, rast_db."""
+    clip = to_clip(s["vertices"], s["mats"])
+    ours = Rasterizer(backend="triton", device="cuda").rasterize(clip, s["tri"], (s["res"], s["res"]))
+    ref = Rasterizer(backend="torch", device="cuda").rasterize(clip, s["tri"], (s["res"], s["res"]))
+    either = (ours[0][..., 3] > 0) | (ref[0][..., 3] > 0)
+    same = (ours[0][..., 3] == ref[0][..., 3]) & either
+    return {"id_agreement": float(same.sum() / either.sum()),
+            "uvz_max_abs_diff": float((ours[0] - ref[0])[..., :3][same].abs().max()),
+            "rast_db_max_abs_diff": float((ours[1] - ref[1])[same].abs().max())}
+
+
+def profile(backends: list, s: dict, path: Path) -> None:
+    """Kernel tables (by GPU time) of 5 textured and 5 colored steps of each fast backend."""
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as torch_profile  # noqa: PLC0415
+
+    tables = []
+    for backend in [b for b in backends if b != "torch"]:
+        r = Rasterizer(backend=backend, device="cuda")
+        for kind in ("textured", "colored"):
+            step = step_fn(r, s, kind)
+            step()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            tables.append(f"== {backend} {kind} x5 ==\n" + prof.key_averages().table(
+                sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--faces", type=int, default=80000)
@@ -139,6 +176,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, metavar="TXT",
+                        help="also write torch.profiler kernel tables of each backend's steps here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
@@ -160,6 +199,8 @@ def main() -> int:
             start = time.perf_counter()
             config[backend] = bench_backend(backend, s, args.repeats)
             config[backend]["bench_seconds"] = time.perf_counter() - start  # first call: triton compiles here
+        if "triton" in backends:
+            config["triton_vs_torch"] = agreement(s)
         if "nvdiffrast" in config:
             for backend in backends[1:]:
                 for kind in ("textured_ms", "colored_ms"):
@@ -176,6 +217,8 @@ def main() -> int:
                                                    "colored_ms": time_ms(step_fn(r, s, "colored"), args.repeats)}
                 LAUNCH.clear()
                 LAUNCH.update(defaults)
+        if args.profile and res == args.res[0]:
+            profile(backends, s, args.profile)
         report["configs"].append(config)
         print(json.dumps(config), file=sys.stderr)
     text = json.dumps(report, indent=2)

@@ -1,12 +1,11 @@
 """Triangle rasterization in Triton, the torch backend's algorithm in a few kernels.
 
-1. Visibility (no autograd). One kernel sets up every (image, triangle) instance, as the torch
-   backend does (vertices snapped to a 1/16-pixel grid in float64, culling, pixel bounding box),
-   and tests the pixels of the instances whose bounding box holds at most `MEDIUM_BOX` pixels,
-   which at the refinement's sizes is nearly all of them: one lane per (triangle, pixel) pair,
-   exact int64 edge functions with the top-left fill rule, depth interpolated in float64, and an
-   ``atomic_min`` of the packed (depth, triangle id) key into the z-buffer. A second kernel gives
-   each larger instance one program that walks its bounding box in blocks.
+1. Visibility (no autograd). A setup kernel prepares every (image, triangle) instance as the
+   torch backend does (vertices snapped to a 1/16-pixel grid in float64, culling, pixel bounding
+   box); a raster kernel then tests candidate pixels in chunks of a bounding box, one lane per
+   (triangle, pixel) pair: exact int64 edge functions with the top-left fill rule, depth
+   interpolated in float64, and an ``atomic_min`` of the packed (depth, triangle id) key into the
+   z-buffer.
 2. Barycentrics: one kernel reads the z-buffer and writes rast and rast_db with nvdiffrast's
    float32 expressions (those of the torch backend); its backward is one kernel too, the chain
    rule of the torch backend's autograd graph written out (straight-through clamps, the 1e-6 area
@@ -47,14 +46,13 @@ INTERPRETED = _interpreted()
 # pays per operation and per program, not per lane, so it gets few, wide programs; results do not
 # depend on these sizes.
 LAUNCH = {
-    "instances": 1024 if INTERPRETED else 32,  # triangle instances per program of the visibility kernel
-    "lanes": 64 if INTERPRETED else 16,  # pixels of each instance tested at once there
-    "visibility_warps": 4 if INTERPRETED else 8,
-    "large_block": 4096 if INTERPRETED else 256,  # pixels per step of a large instance's walk over its box
+    "setup": 4096 if INTERPRETED else 256,  # triangle instances per program of the setup kernel
+    "items": 256 if INTERPRETED else 16,  # work items (an instance, a chunk of its box) per raster program
+    "lanes": 64 if INTERPRETED else 16,  # pixels per work item
+    "raster_warps": 4,
     "pixels": 4096 if INTERPRETED else 256,  # pixels per program of every per-pixel kernel
     "warps": 4,  # warps per program of the per-pixel kernels
 }
-MEDIUM_BOX = 1024 if INTERPRETED else 256  # larger bounding boxes get a program of their own
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 # Kernels index pixels and vertex components with int32.
 INDEX_LIMIT = 2**31 - 1
@@ -154,64 +152,86 @@ def _edge(xa, ya, xb, yb, sign, px, py):
     return e, (e > 0) | ((e == 0) & owns)
 
 
-@triton.jit
-def _test_pixels(winner_ptr, valid, local, image, face, x0, x1, x2, y0, y1, y2, zw0, zw1, zw2, area,
-                 col_lo, row_lo, ncols, height, width):
-    """Depth-test candidate pixel ``local`` (row-major in the bounding box) of each instance."""
-    sub = SUBPIXEL
-    row = local // ncols
-    col = col_lo + (local - row * ncols)
-    row = row_lo + row
-    px = ((2 * col + 1 - width) * sub).to(tl.int64)
-    py = ((2 * row + 1 - height) * sub).to(tl.int64)
-    sign = tl.where(area > 0, 1, -1).to(tl.int64)
-    e0, in0 = _edge(x1, y1, x2, y2, sign, px, py)
-    e1, in1 = _edge(x2, y2, x0, y0, sign, px, py)
-    e2, in2 = _edge(x0, y0, x1, y1, sign, px, py)
-    depth = (e0.to(tl.float64) * zw0 + e1.to(tl.float64) * zw1 + e2.to(tl.float64) * zw2) / (area * sign).to(tl.float64)
-    inside = valid & in0 & in1 & in2 & (depth >= -1.0) & (depth <= 1.0)
-    bits = depth.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64)
-    sortable = tl.where(bits >= 0, bits, -(bits + 2147483648) - 1)
-    key = (sortable << 32) | face.to(tl.int64)
-    pixel = image * (height * width) + row * width + col
-    tl.atomic_min(winner_ptr + pixel, key, mask=inside)
-
-
 @triton.jit(do_not_specialize=["num_instances", "num_tris", "num_verts", "height", "width"])
-def _visibility_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, winner_ptr, count_ptr,
-                       num_instances, num_tris, num_verts, height, width, x_scale, y_scale,
-                       RANGED: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, MEDIUM: tl.constexpr):
-    """Set up BLOCK instances and test the pixels of those with at most MEDIUM in their bounding
-    box, LANES pixels of each at a time (neighbouring triangles of a mesh have similar sizes, so
-    few lanes idle); the count of each instance's pixels goes to ``count_ptr``."""
+def _setup_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, box_ptr, zw_ptr, num_instances, num_tris, num_verts,
+                  height, width, x_scale, y_scale, RANGED: tl.constexpr, BLOCK: tl.constexpr):
+    """One lane per instance: its snapped vertices, bounding box and pixel count into ``box``
+    ([10, T] int32: x0 x1 x2 y0 y1 y2 col_lo row_lo ncols count), its z/w into ``zw`` ([3, T] float64)."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = t < num_instances
     (image, face, x0, x1, x2, y0, y1, y2, zw0, zw1, zw2, area, col_lo, row_lo, ncols,
      count) = _setup(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, t, live, num_tris, num_verts, height, width,
                      x_scale, y_scale, RANGED)
-    tl.store(count_ptr + t, count, mask=live)
-    here = tl.where(count <= MEDIUM, count, 0)[:, None]
-    for start in range(0, tl.max(here), LANES):
-        local = start + tl.arange(0, LANES)[None, :]
-        _test_pixels(winner_ptr, local < here, local, image[:, None], face[:, None], x0[:, None], x1[:, None],
-                     x2[:, None], y0[:, None], y1[:, None], y2[:, None], zw0[:, None], zw1[:, None], zw2[:, None],
-                     area[:, None], col_lo[:, None], row_lo[:, None], ncols[:, None], height, width)
+    # Snapped coordinates are within +-2^29 (culled otherwise): they fit in int32.
+    tl.store(box_ptr + t, x0.to(tl.int32), mask=live)
+    tl.store(box_ptr + num_instances + t, x1.to(tl.int32), mask=live)
+    tl.store(box_ptr + 2 * num_instances + t, x2.to(tl.int32), mask=live)
+    tl.store(box_ptr + 3 * num_instances + t, y0.to(tl.int32), mask=live)
+    tl.store(box_ptr + 4 * num_instances + t, y1.to(tl.int32), mask=live)
+    tl.store(box_ptr + 5 * num_instances + t, y2.to(tl.int32), mask=live)
+    tl.store(box_ptr + 6 * num_instances + t, col_lo, mask=live)
+    tl.store(box_ptr + 7 * num_instances + t, row_lo, mask=live)
+    tl.store(box_ptr + 8 * num_instances + t, ncols, mask=live)
+    tl.store(box_ptr + 9 * num_instances + t, count, mask=live)
+    tl.store(zw_ptr + t, zw0, mask=live)
+    tl.store(zw_ptr + num_instances + t, zw1, mask=live)
+    tl.store(zw_ptr + 2 * num_instances + t, zw2, mask=live)
 
 
-@triton.jit(do_not_specialize=["num_tris", "num_verts", "height", "width"])
-def _visibility_large_kernel(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, winner_ptr, large_ptr,
-                             num_tris, num_verts, height, width, x_scale, y_scale, RANGED: tl.constexpr,
-                             BLOCK: tl.constexpr):
-    # The instance's setup is computed in every lane (scalars mixed with blocks of masks trip the
-    # interpreter); it is one instance per program, so the repetition costs nothing that matters.
-    t = tl.load(large_ptr + tl.program_id(0) + tl.zeros([BLOCK], dtype=tl.int32))
-    (image, face, x0, x1, x2, y0, y1, y2, zw0, zw1, zw2, area, col_lo, row_lo, ncols,
-     count) = _setup(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, t, t >= 0, num_tris, num_verts, height, width,
-                     x_scale, y_scale, RANGED)
-    for start in range(0, tl.max(count, axis=0), BLOCK):
-        local = start + tl.arange(0, BLOCK)
-        _test_pixels(winner_ptr, local < count, local, image, face, x0, x1, x2, y0, y1, y2, zw0, zw1, zw2, area,
-                     col_lo, row_lo, ncols, height, width)
+@triton.jit(do_not_specialize=["num_items", "num_instances", "num_tris", "height", "width"])
+def _raster_kernel(box_ptr, zw_ptr, image_of_ptr, tri_of_ptr, item_ptr, chunk_ptr, winner_ptr, num_items,
+                   num_instances, num_tris, height, width, RANGED: tl.constexpr, FIRST: tl.constexpr,
+                   ITEMS: tl.constexpr, LANES: tl.constexpr):
+    """Depth-test LANES candidate pixels (row-major in the bounding box) of each of ITEMS work
+    items: with FIRST, item i is the first LANES pixels of instance i; otherwise the pixels from
+    ``chunk_ptr[i] * LANES`` on of instance ``item_ptr[i]``."""
+    i = tl.program_id(0) * ITEMS + tl.arange(0, ITEMS)
+    live = i < num_items
+    if FIRST:
+        t = i
+        start = tl.zeros_like(i)
+    else:
+        t = tl.load(item_ptr + i, mask=live, other=0)
+        start = tl.load(chunk_ptr + i, mask=live, other=0) * LANES
+    if RANGED:
+        image = tl.load(image_of_ptr + t, mask=live, other=0)
+        face = tl.load(tri_of_ptr + t, mask=live, other=0)
+    else:
+        image = t // num_tris
+        face = t - image * num_tris
+    x0 = tl.load(box_ptr + t, mask=live, other=0).to(tl.int64)[:, None]
+    x1 = tl.load(box_ptr + num_instances + t, mask=live, other=0).to(tl.int64)[:, None]
+    x2 = tl.load(box_ptr + 2 * num_instances + t, mask=live, other=0).to(tl.int64)[:, None]
+    y0 = tl.load(box_ptr + 3 * num_instances + t, mask=live, other=0).to(tl.int64)[:, None]
+    y1 = tl.load(box_ptr + 4 * num_instances + t, mask=live, other=0).to(tl.int64)[:, None]
+    y2 = tl.load(box_ptr + 5 * num_instances + t, mask=live, other=0).to(tl.int64)[:, None]
+    col_lo = tl.load(box_ptr + 6 * num_instances + t, mask=live, other=0)[:, None]
+    row_lo = tl.load(box_ptr + 7 * num_instances + t, mask=live, other=0)[:, None]
+    ncols = tl.load(box_ptr + 8 * num_instances + t, mask=live, other=1)[:, None]
+    count = tl.load(box_ptr + 9 * num_instances + t, mask=live, other=0)[:, None]
+    zw0 = tl.load(zw_ptr + t, mask=live, other=0.0)[:, None]
+    zw1 = tl.load(zw_ptr + num_instances + t, mask=live, other=0.0)[:, None]
+    zw2 = tl.load(zw_ptr + 2 * num_instances + t, mask=live, other=0.0)[:, None]
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+    sign = tl.where(area > 0, 1, -1).to(tl.int64)
+
+    local = start[:, None] + tl.arange(0, LANES)[None, :]
+    row = local // ncols
+    col = col_lo + (local - row * ncols)
+    row = row_lo + row
+    sub = SUBPIXEL
+    px = ((2 * col + 1 - width) * sub).to(tl.int64)
+    py = ((2 * row + 1 - height) * sub).to(tl.int64)
+    e0, in0 = _edge(x1, y1, x2, y2, sign, px, py)
+    e1, in1 = _edge(x2, y2, x0, y0, sign, px, py)
+    e2, in2 = _edge(x0, y0, x1, y1, sign, px, py)
+    depth = (e0.to(tl.float64) * zw0 + e1.to(tl.float64) * zw1 + e2.to(tl.float64) * zw2) / (area * sign).to(tl.float64)
+    inside = (local < count) & in0 & in1 & in2 & (depth >= -1.0) & (depth <= 1.0)
+    bits = depth.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64)
+    sortable = tl.where(bits >= 0, bits, -(bits + 2147483648) - 1)
+    key = (sortable << 32) | face.to(tl.int64)[:, None]
+    pixel = image[:, None] * (height * width) + row * width + col
+    tl.atomic_min(winner_ptr + pixel, key, mask=inside)
 
 
 @triton.jit
@@ -447,28 +467,41 @@ def visibility(
     image_of: Optional[Tensor] = None,  # [T] int32 (range mode)
     tri_of: Optional[Tensor] = None,  # [T] int32 (range mode)
 ) -> Tensor:  # [B * H * W] int64 packed (depth, triangle id) of the nearest fragment, or int64 max
-    """The z-buffer of the torch backend's `_visibility`, in two kernel launches."""
+    """The z-buffer of the torch backend's `_visibility`.
+
+    A setup kernel (one lane per instance) stores each instance's snapped vertices and bounding
+    box; a raster kernel tests the first LANES pixels of every instance's box, then the remaining
+    chunks of LANES pixels of the larger boxes, listed as work items (one host sync sizes the
+    list), so that no program waits on another's large triangle.
+    """
     ranged = image_of is not None
     num_tris = tri.shape[0]
-    num_verts = pos.shape[-2]
     instances = image_of.numel() if ranged else batch * num_tris
     winner = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=pos.device)
     if instances == 0:
         return winner
-    count = torch.empty(instances, dtype=torch.int32, device=pos.device)
+    box = torch.empty(10, instances, dtype=torch.int32, device=pos.device)
+    zw = torch.empty(3, instances, dtype=torch.float64, device=pos.device)
     image_arg = image_of if ranged else tri  # unused placeholders in instanced mode
     tri_arg = tri_of if ranged else tri
     sub = 1 << (_SUBPIXEL_BITS - 1)
-    scales = (float(width * sub), float(height * sub))
-    grid = (triton.cdiv(instances, LAUNCH["instances"]),)
-    _visibility_kernel[grid](pos, tri, image_arg, tri_arg, winner, count, instances, num_tris, num_verts,
-                             height, width, *scales, RANGED=ranged, BLOCK=LAUNCH["instances"],
-                             LANES=LAUNCH["lanes"], MEDIUM=MEDIUM_BOX, num_warps=LAUNCH["visibility_warps"])
-    large = torch.nonzero(count > MEDIUM_BOX).squeeze(1).to(torch.int32)
-    if large.numel():
-        _visibility_large_kernel[(large.numel(),)](pos, tri, image_arg, tri_arg, winner, large, num_tris, num_verts,
-                                                   height, width, *scales, RANGED=ranged, BLOCK=LAUNCH["large_block"],
-                                                   num_warps=LAUNCH["warps"])
+    block = LAUNCH["setup"]
+    _setup_kernel[(triton.cdiv(instances, block),)](
+        pos, tri, image_arg, tri_arg, box, zw, instances, num_tris, pos.shape[-2], height, width,
+        float(width * sub), float(height * sub), RANGED=ranged, BLOCK=block, num_warps=LAUNCH["warps"])
+    items, lanes = LAUNCH["items"], LAUNCH["lanes"]
+    common = dict(RANGED=ranged, ITEMS=items, LANES=lanes, num_warps=LAUNCH["raster_warps"])
+    _raster_kernel[(triton.cdiv(instances, items),)](box, zw, image_arg, tri_arg, box, box, winner, instances,
+                                                     instances, num_tris, height, width, FIRST=True, **common)
+    extra = torch.clamp_min((box[9] - 1) // lanes, 0)  # chunks of each box after the first
+    ends = torch.cumsum(extra, 0)
+    total = int(ends[-1])
+    if total:
+        item = torch.arange(instances, device=pos.device, dtype=torch.int32).repeat_interleave(extra, output_size=total)
+        first = (ends - extra).repeat_interleave(extra, output_size=total)
+        chunk = (torch.arange(1, total + 1, device=pos.device) - first).to(torch.int32)
+        _raster_kernel[(triton.cdiv(total, items),)](box, zw, image_arg, tri_arg, item, chunk, winner, total,
+                                                     instances, num_tris, height, width, FIRST=False, **common)
     return winner
 
 

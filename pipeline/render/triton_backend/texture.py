@@ -185,17 +185,20 @@ def _texture_backward_kernel(tex_ptr, levels_ptr, uv_ptr, uv_da_ptr, grad_out_pt
     c = tl.arange(0, CHANNELS)[None, :]
     base = (pixel // pixels_per_tex) * batch_stride
     g = tl.load(grad_out_ptr + pixel[:, None] * channels + c, mask=inb[:, None] & (c < channels), other=0.0)
+    # Pixels without gradient (the background, typically, whose uv is all 0) are skipped: their
+    # atomics would all land on the same few texels and serialise.
+    active = inb & (tl.max(tl.abs(g), axis=1) > 0)
     u, v, frac, has_frac, level0, level1, g0, g1, g2, g3 = _prepare(uv_ptr, uv_da_ptr, pixel, inb, tex_w, tex_h, top,
                                                                     BOUNDARY, MIP)
     (value0, du0, dv0, a00, a01, a10, a11, m00, m01, m10, m11, fx,
-     fy) = _lookup(tex_ptr, levels_ptr, level0, base, u, v, inb, c, channels, BOUNDARY)
+     fy) = _lookup(tex_ptr, levels_ptr, level0, base, u, v, active, c, channels, BOUNDARY)
     f = frac[:, None]
     if NEED_TEX:
         _scatter(grad_tex_ptr, g, 1.0 - f, a00, a01, a10, a11, m00, m01, m10, m11, fx, fy)
     du = du0
     dv = dv0
     if MIP:
-        second = inb & has_frac
+        second = active & has_frac
         (value1, du1, dv1, b00, b01, b10, b11, n00, n01, n10, n11, fx1,
          fy1) = _lookup(tex_ptr, levels_ptr, level1, base, u, v, second, c, channels, BOUNDARY)
         if NEED_TEX:
