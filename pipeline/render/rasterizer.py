@@ -16,6 +16,7 @@ Shapes are checked here, at the boundary, so the backends can assume well-formed
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
@@ -29,6 +30,9 @@ FILTER_MODES = ("auto", "nearest", "linear", "linear-mipmap-linear")
 BOUNDARY_MODES = ("wrap", "clamp", "zero")
 
 log = logging.getLogger("photo3d.render")
+# Names the backend that ``backend="auto"`` uses, e.g. "triton" on a machine that has nvdiffrast
+# but must not use it (its licence is non-commercial), or to compare backends end to end.
+BACKEND_ENV = "PHOTO3D_RENDER_BACKEND"
 
 _nvdiffrast_import_error: Optional[str] = None
 _triton_import_error: Optional[str] = None
@@ -87,8 +91,9 @@ class Rasterizer:
     Args:
         backend: ``"auto"`` picks, for a CUDA device, nvdiffrast when it imports, else triton when
             it imports, else torch (with a one-line warning: it is ~20x slower); for any other
-            device, torch. The choice is logged once per process on the ``photo3d.render`` logger.
-            ``"nvdiffrast"`` and ``"triton"`` raise a RuntimeError that says how to install them
+            device, torch. The choice is logged once per process on the ``photo3d.render`` logger;
+            the environment variable ``PHOTO3D_RENDER_BACKEND`` (torch, triton or nvdiffrast)
+            overrides it. ``"nvdiffrast"`` and ``"triton"`` raise a RuntimeError that says how to install them
             when they are missing; ``"torch"`` always works.
         device: the device the inputs will live on (default: CUDA if available, else CPU).
             Only used to choose the backend and to create nvdiffrast's context.
@@ -105,7 +110,10 @@ class Rasterizer:
         self._triton = None
         self._topology = None  # (tri, its version, nvdiffrast's hash or triton's adjacency): see _topology_of
         if backend == "auto":
-            backend = self._auto_backend()
+            forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+            if forced and forced not in BACKENDS:
+                raise ValueError(f"{BACKEND_ENV}={forced!r} must be one of {BACKENDS}")
+            backend = forced if forced and forced != "auto" else self._auto_backend()
         if backend == "nvdiffrast":
             if self.device.type != "cuda":
                 raise RuntimeError(

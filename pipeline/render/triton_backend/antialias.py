@@ -136,7 +136,7 @@ def _blend(color_ptr, out_ptr, rast_ptr, pos_ptr, tri_ptr, opp_ptr, pixel, inb, 
     m = hit[:, None] & (c < channels)
     c0 = tl.load(color_ptr + pixel[:, None] * channels + c, mask=m, other=0.0)
     c1 = tl.load(color_ptr + p1[:, None] * channels + c, mask=m, other=0.0)
-    tl.atomic_add(out_ptr + target[:, None] * channels + c, alpha[:, None] * (c1 - c0), mask=m)
+    tl.atomic_add(out_ptr + target[:, None] * channels + c, alpha[:, None] * (c1 - c0), mask=m, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["num_pixels", "num_tris", "num_verts", "height", "width"])
@@ -159,9 +159,9 @@ def _add_screen_gradient(grad_pos_ptr, pos_ptr, vertex, mask, g_sx, g_sy, half_w
     y = tl.load(pos_ptr + vertex * 4 + 1, mask=mask, other=0.0)
     gx = g_sx * half_w
     gy = g_sy * half_h
-    tl.atomic_add(grad_pos_ptr + vertex * 4 + 0, gx * inv_w, mask=mask)
-    tl.atomic_add(grad_pos_ptr + vertex * 4 + 1, gy * inv_w, mask=mask)
-    tl.atomic_add(grad_pos_ptr + vertex * 4 + 3, -(gx * x + gy * y) * inv_w * inv_w, mask=mask)
+    tl.atomic_add(grad_pos_ptr + vertex * 4 + 0, gx * inv_w, mask=mask, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + vertex * 4 + 1, gy * inv_w, mask=mask, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + vertex * 4 + 3, -(gx * x + gy * y) * inv_w * inv_w, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -178,8 +178,8 @@ def _blend_backward(color_ptr, grad_out_ptr, grad_color_ptr, grad_pos_ptr, rast_
     g = tl.load(grad_out_ptr + target[:, None] * channels + c, mask=m, other=0.0)
     if NEED_COLOR:
         ga = alpha[:, None] * g
-        tl.atomic_add(grad_color_ptr + p1[:, None] * channels + c, ga, mask=m)
-        tl.atomic_add(grad_color_ptr + pixel[:, None] * channels + c, -ga, mask=m)
+        tl.atomic_add(grad_color_ptr + p1[:, None] * channels + c, ga, mask=m, sem="relaxed")
+        tl.atomic_add(grad_color_ptr + pixel[:, None] * channels + c, -ga, mask=m, sem="relaxed")
     if NEED_POS:
         mg = needs_grad[:, None] & (c < channels)
         c0 = tl.load(color_ptr + pixel[:, None] * channels + c, mask=mg, other=0.0)

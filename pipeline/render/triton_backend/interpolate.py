@@ -90,9 +90,9 @@ def _interpolate_backward_kernel(attr_ptr, rast_ptr, tri_ptr, db_ptr, diff_ptr, 
     if NEED_ATTR:
         uu = u[:, None]
         vv = v[:, None]
-        tl.atomic_add(grad_attr_ptr + r0[:, None] + c, uu * g, mask=cm)
-        tl.atomic_add(grad_attr_ptr + r1[:, None] + c, vv * g, mask=cm)
-        tl.atomic_add(grad_attr_ptr + r2[:, None] + c, g - uu * g - vv * g, mask=cm)
+        tl.atomic_add(grad_attr_ptr + r0[:, None] + c, uu * g, mask=cm, sem="relaxed")
+        tl.atomic_add(grad_attr_ptr + r1[:, None] + c, vv * g, mask=cm, sem="relaxed")
+        tl.atomic_add(grad_attr_ptr + r2[:, None] + c, g - uu * g - vv * g, mask=cm, sem="relaxed")
     if NEED_RAST:
         a0 = tl.load(attr_ptr + r0[:, None] + c, mask=cm, other=0.0)
         a1 = tl.load(attr_ptr + r1[:, None] + c, mask=cm, other=0.0)
@@ -119,9 +119,9 @@ def _interpolate_backward_kernel(attr_ptr, rast_ptr, tri_ptr, db_ptr, diff_ptr, 
             db3 = tl.load(db_ptr + pixel * 4 + 3, mask=covered, other=0.0)[:, None]
             g_dadu = gx * db0 + gy * db1
             g_dadv = gx * db2 + gy * db3
-            tl.atomic_add(grad_attr_ptr + r0[:, None] + ch, g_dadu, mask=dm)
-            tl.atomic_add(grad_attr_ptr + r1[:, None] + ch, g_dadv, mask=dm)
-            tl.atomic_add(grad_attr_ptr + r2[:, None] + ch, -g_dadu - g_dadv, mask=dm)
+            tl.atomic_add(grad_attr_ptr + r0[:, None] + ch, g_dadu, mask=dm, sem="relaxed")
+            tl.atomic_add(grad_attr_ptr + r1[:, None] + ch, g_dadv, mask=dm, sem="relaxed")
+            tl.atomic_add(grad_attr_ptr + r2[:, None] + ch, -g_dadu - g_dadv, mask=dm, sem="relaxed")
         if NEED_DB:
             d0 = tl.load(attr_ptr + r0[:, None] + ch, mask=dm, other=0.0)
             d1 = tl.load(attr_ptr + r1[:, None] + ch, mask=dm, other=0.0)

@@ -50,7 +50,7 @@ LAUNCH = {
     "items": 256 if INTERPRETED else 16,  # work items (an instance, a chunk of its box) per raster program
     "lanes": 64 if INTERPRETED else 16,  # pixels per work item
     "raster_warps": 4,
-    "pixels": 4096 if INTERPRETED else 256,  # pixels per program of every per-pixel kernel
+    "pixels": 4096 if INTERPRETED else 128,  # pixels per program of every per-pixel kernel
     "warps": 4,  # warps per program of the per-pixel kernels
 }
 _EMPTY_KEY = torch.iinfo(torch.int64).max
@@ -231,7 +231,7 @@ def _raster_kernel(box_ptr, zw_ptr, image_of_ptr, tri_of_ptr, item_ptr, chunk_pt
     sortable = tl.where(bits >= 0, bits, -(bits + 2147483648) - 1)
     key = (sortable << 32) | face.to(tl.int64)[:, None]
     pixel = image[:, None] * (height * width) + row * width + col
-    tl.atomic_min(winner_ptr + pixel, key, mask=inside)
+    tl.atomic_min(winner_ptr + pixel, key, mask=inside, sem="relaxed")
 
 
 @triton.jit
@@ -431,15 +431,15 @@ def _barycentrics_backward_kernel(rast_ptr, grad_rast_ptr, grad_db_ptr, pos_ptr,
     gx2 += gpx2
     gy2 += gpy2
     gw2 -= fx * gpx2 + fy * gpy2
-    tl.atomic_add(grad_pos_ptr + i0 + 0, gx0, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i0 + 1, gy0, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i0 + 3, gw0, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i1 + 0, gx1, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i1 + 1, gy1, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i1 + 3, gw1, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i2 + 0, gx2, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i2 + 1, gy2, mask=covered)
-    tl.atomic_add(grad_pos_ptr + i2 + 3, gw2, mask=covered)
+    tl.atomic_add(grad_pos_ptr + i0 + 0, gx0, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i0 + 1, gy0, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i0 + 3, gw0, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i1 + 0, gx1, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i1 + 1, gy1, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i1 + 3, gw1, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i2 + 0, gx2, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i2 + 1, gy2, mask=covered, sem="relaxed")
+    tl.atomic_add(grad_pos_ptr + i2 + 3, gw2, mask=covered, sem="relaxed")
 
 
 def _pixel_constants(height: int, width: int) -> Tuple[float, float, float, float]:
@@ -497,9 +497,10 @@ def visibility(
     ends = torch.cumsum(extra, 0)
     total = int(ends[-1])
     if total:
-        item = torch.arange(instances, device=pos.device, dtype=torch.int32).repeat_interleave(extra, output_size=total)
-        first = (ends - extra).repeat_interleave(extra, output_size=total)
-        chunk = (torch.arange(1, total + 1, device=pos.device) - first).to(torch.int32)
+        slot = torch.arange(total, device=pos.device)
+        item = torch.searchsorted(ends, slot, right=True)  # the instance whose chunks hold each slot
+        chunk = (slot - (ends - extra)[item] + 1).to(torch.int32)
+        item = item.to(torch.int32)
         _raster_kernel[(triton.cdiv(total, items),)](box, zw, image_arg, tri_arg, item, chunk, winner, total,
                                                      instances, num_tris, height, width, FIRST=False, **common)
     return winner

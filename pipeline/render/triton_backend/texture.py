@@ -1,10 +1,11 @@
 """2D texture sampling in Triton (nvdiffrast's `texture`): bilinear and trilinear (mip-mapped).
 
 Conventions are the torch backend's (`pipeline.render.torch_backend.texture` lists them). The mip
-pyramid is built by the torch backend's differentiable `mip_pyramid` and its levels are
-concatenated into one flat buffer (autograd carries the texture gradient back through both); one
-kernel then computes each pixel's level of detail and its two bilinear lookups, and the backward
-kernel accumulates the texel gradients with atomics and writes the gradients of uv and uv_da.
+levels are built into one flat buffer, a kernel per level (as the torch backend's `mip_pyramid`
+builds them, in the same order of additions); one kernel then computes each pixel's level of
+detail and its two bilinear lookups. The backward kernel accumulates the texel gradients of every
+level with atomics and writes the gradients of uv and uv_da; a kernel per level then carries each
+level's gradient down to the one below, and level 0's is the texture's.
 Unlike the torch backend, which samples an atlas through grid_sample, taps are addressed exactly
 (floor of the texel coordinate, taps i and i + 1), as nvdiffrast does. "nearest" uses the torch
 backend (no uv gradient to compute, and not used by the pipeline's hot loops).
@@ -13,7 +14,7 @@ backend (no uv gradient to compute, and not used by the pipeline's hot loops).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -21,7 +22,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import torch_backend
-from ..torch_backend.texture import mip_pyramid
 from .rasterize import INDEX_LIMIT, LAUNCH
 
 _BOUNDARY = {"wrap": 0, "clamp": 1, "zero": 2}
@@ -168,10 +168,10 @@ def _texture_kernel(tex_ptr, levels_ptr, uv_ptr, uv_da_ptr, out_ptr, num_pixels,
 @triton.jit
 def _scatter(grad_tex_ptr, g, weight, a00, a01, a10, a11, m00, m01, m10, m11, fx, fy):
     gw = g * weight
-    tl.atomic_add(grad_tex_ptr + a00, gw * (1.0 - fx) * (1.0 - fy), mask=m00)
-    tl.atomic_add(grad_tex_ptr + a01, gw * fx * (1.0 - fy), mask=m01)
-    tl.atomic_add(grad_tex_ptr + a10, gw * (1.0 - fx) * fy, mask=m10)
-    tl.atomic_add(grad_tex_ptr + a11, gw * fx * fy, mask=m11)
+    tl.atomic_add(grad_tex_ptr + a00, gw * (1.0 - fx) * (1.0 - fy), mask=m00, sem="relaxed")
+    tl.atomic_add(grad_tex_ptr + a01, gw * fx * (1.0 - fy), mask=m01, sem="relaxed")
+    tl.atomic_add(grad_tex_ptr + a10, gw * (1.0 - fx) * fy, mask=m10, sem="relaxed")
+    tl.atomic_add(grad_tex_ptr + a11, gw * fx * fy, mask=m11, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["num_pixels", "pixels_per_tex", "batch_stride", "tex_w", "tex_h", "top"])
@@ -216,12 +216,117 @@ def _texture_backward_kernel(tex_ptr, levels_ptr, uv_ptr, uv_da_ptr, grad_out_pt
         tl.store(grad_uv_ptr + pixel * 2 + 1, tl.sum(g * dv, axis=1), mask=inb)
 
 
-@functools.lru_cache(maxsize=16)
-def _level_table(sizes, channels: int, device) -> Tensor:  # [L, 3] int32 (offset in floats, height, width)
-    """Where each level starts in the flat buffer (per texture), kept on the device: one upload per size."""
+@triton.jit(do_not_specialize=["num_out", "src_offset", "dst_offset", "batch_stride", "src_w", "dst_h", "dst_w",
+                               "channels"])
+def _mip_level_kernel(flat_ptr, num_out, src_offset, dst_offset, batch_stride, src_w, dst_h, dst_w, channels,
+                      step_x, step_y, scale, BLOCK: tl.constexpr):
+    """One mip level from the previous one inside the flat buffer: each texel is the mean of its
+    2x2 block (or pair, ``step_x`` / ``step_y`` = 0 on a side that is already 1), summed in the
+    torch backend's order (horizontal pairs, then the two rows)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = i < num_out
+    per_batch = dst_h * dst_w * channels
+    b = i // per_batch
+    rem = i - b * per_batch
+    y = rem // (dst_w * channels)
+    rem = rem - y * (dst_w * channels)
+    x = rem // channels
+    c = rem - x * channels
+    src = flat_ptr + b * batch_stride + src_offset + ((2 * y) * src_w + 2 * x) * channels + c
+    row = src_w * channels
+    pair_x = live & ((tl.zeros_like(i) + step_x) > 0)  # (blocks, not scalars, in masks: the interpreter needs them)
+    pair_y = live & ((tl.zeros_like(i) + step_y) > 0)
+    top = tl.load(src, mask=live, other=0.0) + tl.load(src + channels, mask=pair_x, other=0.0)
+    bottom = tl.load(src + row, mask=pair_y, other=0.0) + tl.load(src + row + channels, mask=pair_x & pair_y, other=0.0)
+    tl.store(flat_ptr + b * batch_stride + dst_offset + (y * dst_w + x) * channels + c, (top + bottom) * scale,
+             mask=live)
+
+
+@triton.jit(do_not_specialize=["num_out", "child_offset", "parent_offset", "batch_stride", "child_h", "child_w",
+                               "parent_w", "channels"])
+def _mip_gradient_kernel(grad_ptr, num_out, child_offset, parent_offset, batch_stride, child_h, child_w, parent_w,
+                         channels, shift_x, shift_y, scale, BLOCK: tl.constexpr):
+    """The mip levels' backward, one level at a time from the top: each texel of the finer level
+    gains ``scale`` times the (already accumulated) gradient of its parent texel."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = i < num_out
+    per_batch = child_h * child_w * channels
+    b = i // per_batch
+    rem = i - b * per_batch
+    y = rem // (child_w * channels)
+    rem = rem - y * (child_w * channels)
+    x = rem // channels
+    c = rem - x * channels
+    base = grad_ptr + b * batch_stride
+    parent = tl.load(base + parent_offset + ((y >> shift_y) * parent_w + (x >> shift_x)) * channels + c, mask=live,
+                     other=0.0)
+    child = base + child_offset + (y * child_w + x) * channels + c
+    tl.store(child, tl.load(child, mask=live, other=0.0) + scale * parent, mask=live)
+
+
+def _level_sizes(height: int, width: int, max_mip_level: Optional[int]) -> Tuple[Tuple[int, int], ...]:
+    """(h, w) of each mip level, as `mip_pyramid` builds them (and with its error for odd sides)."""
+    sizes = [(height, width)]
+    while (height > 1 or width > 1) and (max_mip_level is None or len(sizes) <= max_mip_level):
+        if (width > 1 and width % 2) or (height > 1 and height % 2):
+            chain = " -> ".join(f"{h}x{w}" for h, w in sizes)
+            raise ValueError(
+                f"mip pyramid of a {sizes[0][0]}x{sizes[0][1]} texture cannot halve an odd side "
+                f"({chain} -> ?); use power-of-two texture sides or limit max_mip_level"
+            )
+        height, width = max(height // 2, 1), max(width // 2, 1)
+        sizes.append((height, width))
+    return tuple(sizes)
+
+
+def _level_offsets(sizes, channels: int):
     offsets = [0]
     for height, width in sizes[:-1]:
         offsets.append(offsets[-1] + height * width * channels)
+    return offsets
+
+
+class _MipPyramid(torch.autograd.Function):
+    """All mip levels of ``tex`` in one flat buffer [Bt, sum of h_l w_l C] (level 0 first)."""
+
+    @staticmethod
+    def forward(ctx, tex, sizes):
+        tex_batch, _, _, channels = tex.shape
+        offsets = _level_offsets(sizes, channels)
+        total = offsets[-1] + sizes[-1][0] * sizes[-1][1] * channels
+        flat = torch.empty(tex_batch, total, dtype=tex.dtype, device=tex.device)
+        flat[:, :offsets[1] if len(sizes) > 1 else total] = tex.reshape(tex_batch, -1)
+        for level in range(1, len(sizes)):
+            (src_h, src_w), (dst_h, dst_w) = sizes[level - 1], sizes[level]
+            step_x, step_y = int(src_w > 1), int(src_h > 1)
+            num_out = tex_batch * dst_h * dst_w * channels
+            _mip_level_kernel[(triton.cdiv(num_out, LAUNCH["pixels"]),)](
+                flat, num_out, offsets[level - 1], offsets[level], total, src_w, dst_h, dst_w, channels,
+                step_x, step_y, 0.5 ** (step_x + step_y), BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
+        ctx.sizes, ctx.offsets, ctx.shape = sizes, offsets, tex.shape
+        return flat
+
+    @staticmethod
+    def backward(ctx, grad_flat):
+        sizes, offsets = ctx.sizes, ctx.offsets
+        tex_batch, _, _, channels = ctx.shape
+        grad = grad_flat.contiguous().clone()
+        for level in range(len(sizes) - 1, 0, -1):
+            (child_h, child_w), (_, parent_w) = sizes[level - 1], sizes[level]
+            shift_x, shift_y = int(child_w > 1), int(child_h > 1)
+            num_out = tex_batch * child_h * child_w * channels
+            _mip_gradient_kernel[(triton.cdiv(num_out, LAUNCH["pixels"]),)](
+                grad, num_out, offsets[level - 1], offsets[level], grad.shape[1], child_h, child_w, parent_w,
+                channels, shift_x, shift_y, 0.5 ** (shift_x + shift_y), BLOCK=LAUNCH["pixels"],
+                num_warps=LAUNCH["warps"])
+        level0 = offsets[1] if len(sizes) > 1 else grad.shape[1]
+        return grad[:, :level0].reshape(ctx.shape), None
+
+
+@functools.lru_cache(maxsize=16)
+def _level_table(sizes, channels: int, device) -> Tensor:  # [L, 3] int32 (offset in floats, height, width)
+    """Where each level starts in the flat buffer (per texture), kept on the device: one upload per size."""
+    offsets = _level_offsets(sizes, channels)
     return torch.tensor([[o, h, w] for o, (h, w) in zip(offsets, sizes)], dtype=torch.int32, device=device)
 
 
@@ -280,16 +385,16 @@ def texture(
     if filter_mode == "linear-mipmap-linear" and max_mip_level == 0:
         filter_mode = "linear"  # no mip levels, as nvdiffrast
     tex_batch, tex_h, tex_w, channels = tex.shape
+    if tex.numel() * 2 > INDEX_LIMIT or uv.numel() // 2 * max(channels, 4) > INDEX_LIMIT:
+        raise ValueError("texture or image too large for one triton texture call: render fewer views at a time")
     if filter_mode == "linear-mipmap-linear":
         if uv_da is None:
             raise ValueError("filter_mode='linear-mipmap-linear' needs uv_da")
-        levels = mip_pyramid(tex, max_mip_level)
-        flat = torch.cat([level.reshape(tex_batch, -1) for level in levels], dim=1)
+        sizes = _level_sizes(tex_h, tex_w, max_mip_level)
+        flat = _MipPyramid.apply(tex.contiguous(), sizes)
         uv_da = uv_da.contiguous()
     else:
-        levels, flat, uv_da = [tex], tex.reshape(tex_batch, -1), None
-    table = _level_table(tuple(tuple(level.shape[1:3]) for level in levels), channels, uv.device)
-    if flat.numel() > INDEX_LIMIT or uv.numel() // 2 * max(channels, 4) > INDEX_LIMIT:
-        raise ValueError("texture or image too large for one triton texture call: render fewer views at a time")
+        sizes, flat, uv_da = ((tex_h, tex_w),), tex.reshape(tex_batch, -1), None
+    table = _level_table(sizes, channels, uv.device)
     return _Texture.apply(flat.contiguous(), table, uv.contiguous(), uv_da, (tex_batch, tex_h, tex_w, channels),
                           boundary_mode)
