@@ -32,13 +32,8 @@ from pipeline.mesh import render_colored, render_textured  # noqa: E402
 from pipeline.render import Rasterizer, nvdiffrast_available, triton_available  # noqa: E402
 
 VARIANTS = {  # triton launch configurations tried with --variants (changes to the defaults)
-    "pixels128": {"pixels": 128},
-    "pixels512_warps8": {"pixels": 512, "warps": 8},
     "items32": {"items": 32},
-    "items8_warps2": {"items": 8, "raster_warps": 2},
     "lanes8_items32": {"lanes": 8, "items": 32},
-    "lanes32_items8": {"lanes": 32, "items": 8},
-    "setup128": {"setup": 128},
 }
 
 
