@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.render_cpu import uv_sphere  # noqa: E402
+from bench.render_parity import _git_commit  # noqa: E402
 from pipeline.cameras import Cameras, look_at, to_clip  # noqa: E402
 from pipeline.mesh import render_colored, render_textured  # noqa: E402
 from pipeline.render import Rasterizer, nvdiffrast_available, triton_available  # noqa: E402
@@ -68,7 +69,8 @@ def step_fn(r: Rasterizer, s: dict, kind: str):
         verts = s["vertices"].clone().requires_grad_(True)
         if kind == "textured":
             texture = s["texture"].clone().requires_grad_(True)
-            rgb, alpha = render_textured(r, verts, s["tri"], s["uvs"], s["tri"], texture, s["mats"], (s["res"], s["res"]))
+            rgb, alpha = render_textured(r, verts, s["tri"], s["uvs"], s["tri"], texture, s["mats"],
+                                         (s["res"], s["res"]))
         else:
             colors = s["colors"].clone().requires_grad_(True)
             rgb, alpha = render_colored(r, verts, s["tri"], colors, s["mats"], (s["res"], s["res"]))
@@ -179,7 +181,8 @@ def main() -> int:
         return 1
     backends = [b for b, ok in (("nvdiffrast", nvdiffrast_available()), ("triton", triton_available("cuda")),
                                 ("torch", True)) if ok]
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _git_commit(),
+              "date": time.strftime("%Y-%m-%d"),
               "faces": args.faces, "views": args.views, "texture": args.texture, "configs": []}
     try:
         import triton  # noqa: PLC0415
@@ -199,7 +202,8 @@ def main() -> int:
         if "nvdiffrast" in config:
             for backend in backends[1:]:
                 for kind in ("textured_ms", "colored_ms"):
-                    config[f"{backend}_over_nvdiffrast_{kind[:-3]}"] = config[backend][kind] / config["nvdiffrast"][kind]
+                    ratio = config[backend][kind] / config["nvdiffrast"][kind]
+                    config[f"{backend}_over_nvdiffrast_{kind[:-3]}"] = ratio
         if args.variants and "triton" in backends and res == args.res[0]:
             from pipeline.render.triton_backend.rasterize import LAUNCH  # noqa: PLC0415
 

@@ -151,7 +151,8 @@ class Rasterizer:
             _log_choice_once("nvdiffrast", "rendering backend: nvdiffrast")
             return "nvdiffrast"
         if triton_available(self.device):
-            _log_choice_once("triton", f"rendering backend: triton (nvdiffrast unavailable: {_nvdiffrast_import_error})")
+            _log_choice_once("triton",
+                             f"rendering backend: triton (nvdiffrast unavailable: {_nvdiffrast_import_error})")
             return "triton"
         _log_choice_once("torch", f"rendering backend: torch (nvdiffrast unavailable: {_nvdiffrast_import_error}; "
                                   f"triton unavailable: {_triton_import_error})")

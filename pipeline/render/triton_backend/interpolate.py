@@ -18,7 +18,6 @@ from torch import Tensor
 from .rasterize import INDEX_LIMIT, LAUNCH, decode_id
 
 
-
 @triton.jit
 def _corners(rast_ptr, attr_ptr, tri_ptr, pixel, inb, num_tris, num_verts, hw, channels,
              ATTR_BATCHED: tl.constexpr):
@@ -148,7 +147,8 @@ class _Interpolate(torch.autograd.Function):
         _interpolate_kernel[grid](
             attr, rast, tri, rast if rast_db is None else rast_db, tri if diff is None else diff, out, out_da,
             num_pixels, tri.shape[0], attr.shape[-2], height * width, channels, num_diff,
-            ATTR_BATCHED=batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"], CHANNELS=triton.next_power_of_2(channels),
+            ATTR_BATCHED=batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"],
+            CHANNELS=triton.next_power_of_2(channels),
             DIFF=triton.next_power_of_2(num_diff) if num_diff else 0)
         ctx.save_for_backward(attr, rast, tri, rast_db, diff)
         ctx.batched = batched
@@ -175,7 +175,8 @@ class _Interpolate(torch.autograd.Function):
             attr if grad_attr is None else grad_attr, rast if grad_rast is None else grad_rast,
             rast if grad_db is None else grad_db,
             num_pixels, tri.shape[0], attr.shape[-2], height * width, channels, num_diff,
-            ATTR_BATCHED=ctx.batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"], CHANNELS=triton.next_power_of_2(channels),
+            ATTR_BATCHED=ctx.batched, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"],
+            CHANNELS=triton.next_power_of_2(channels),
             DIFF=triton.next_power_of_2(num_diff) if num_diff else 0,
             NEED_ATTR=need_attr, NEED_RAST=need_rast, NEED_DB=need_db)
         return grad_attr, grad_rast, None, grad_db, None

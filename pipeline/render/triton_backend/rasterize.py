@@ -130,10 +130,14 @@ def _setup(pos_ptr, tri_ptr, image_of_ptr, tri_of_ptr, t, live, num_tris, num_ve
     # Pixel centre of column j is at (2 j + 1 - W) * sub subpixels. Floor division by 2 sub = 16 is
     # an arithmetic shift (Triton's // truncates towards zero on the GPU but floors in the interpreter).
     shift = PIXEL_SHIFT
-    col_lo = tl.minimum(tl.maximum(-((-(tl.minimum(tl.minimum(x0, x1), x2) + sub * (width - 1))) >> shift), 0), width - 1)
-    col_hi = tl.minimum(tl.maximum((tl.maximum(tl.maximum(x0, x1), x2) + sub * (width - 1)) >> shift, -1), width - 1)
-    row_lo = tl.minimum(tl.maximum(-((-(tl.minimum(tl.minimum(y0, y1), y2) + sub * (height - 1))) >> shift), 0), height - 1)
-    row_hi = tl.minimum(tl.maximum((tl.maximum(tl.maximum(y0, y1), y2) + sub * (height - 1)) >> shift, -1), height - 1)
+    x_lo = tl.minimum(tl.minimum(x0, x1), x2) + sub * (width - 1)
+    x_hi = tl.maximum(tl.maximum(x0, x1), x2) + sub * (width - 1)
+    y_lo = tl.minimum(tl.minimum(y0, y1), y2) + sub * (height - 1)
+    y_hi = tl.maximum(tl.maximum(y0, y1), y2) + sub * (height - 1)
+    col_lo = tl.minimum(tl.maximum(-((-x_lo) >> shift), 0), width - 1)  # ceil division
+    col_hi = tl.minimum(tl.maximum(x_hi >> shift, -1), width - 1)
+    row_lo = tl.minimum(tl.maximum(-((-y_lo) >> shift), 0), height - 1)
+    row_hi = tl.minimum(tl.maximum(y_hi >> shift, -1), height - 1)
     ncols = tl.maximum(col_hi - col_lo + 1, 0).to(tl.int32)
     nrows = tl.maximum(row_hi - row_lo + 1, 0).to(tl.int32)
     count = tl.where(keep, ncols * nrows, 0)

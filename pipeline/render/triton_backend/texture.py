@@ -364,7 +364,8 @@ class _Texture(torch.autograd.Function):
             flat if grad_flat is None else grad_flat, uv if grad_uv is None else grad_uv,
             uv if grad_uv_da is None else grad_uv_da, *ctx.args,
             BOUNDARY=_BOUNDARY[ctx.boundary], MIP=mip, CHANNELS=triton.next_power_of_2(channels),
-            NEED_TEX=need_tex, NEED_UV=need_uv, NEED_UV_DA=need_uv_da, BLOCK=LAUNCH["pixels"], num_warps=LAUNCH["warps"])
+            NEED_TEX=need_tex, NEED_UV=need_uv, NEED_UV_DA=need_uv_da, BLOCK=LAUNCH["pixels"],
+            num_warps=LAUNCH["warps"])
         return grad_flat, None, grad_uv, grad_uv_da, None, None
 
 
