@@ -131,15 +131,34 @@ def bench_backend(backend: str, s: dict, repeats: int) -> dict:
 
 
 def agreement(s: dict) -> dict:
-    """The triton kernels against the torch reference on this scene: triangle ids, rast, rast_db."""
+    """The triton kernels against the torch reference on this scene: triangle ids, rast, rast_db,
+    and the textured step's output and gradients (vertices, texture)."""
     clip = to_clip(s["vertices"], s["mats"])
     ours = Rasterizer(backend="triton", device="cuda").rasterize(clip, s["tri"], (s["res"], s["res"]))
     ref = Rasterizer(backend="torch", device="cuda").rasterize(clip, s["tri"], (s["res"], s["res"]))
     either = (ours[0][..., 3] > 0) | (ref[0][..., 3] > 0)
     same = (ours[0][..., 3] == ref[0][..., 3]) & either
-    return {"id_agreement": float(same.sum() / either.sum()),
-            "uvz_max_abs_diff": float((ours[0] - ref[0])[..., :3][same].abs().max()),
-            "rast_db_max_abs_diff": float((ours[1] - ref[1])[same].abs().max())}
+    uvz = (ours[0] - ref[0])[..., :3][same].abs()
+    result = {"id_agreement": float(same.sum() / either.sum()), "uvz_max_abs_diff": float(uvz.max()),
+              "uvz_fraction_above_1e-4": float((uvz > 1e-4).float().mean()),
+              "rast_db_max_abs_diff": float((ours[1] - ref[1])[same].abs().max())}
+    runs = []
+    weights = torch.rand(len(s["mats"]), s["res"], s["res"], 3, device="cuda",
+                         generator=torch.Generator("cuda").manual_seed(1))
+    for backend in ("triton", "torch"):
+        verts = s["vertices"].clone().requires_grad_(True)
+        texture = s["texture"].clone().requires_grad_(True)
+        rgb, alpha = render_textured(Rasterizer(backend=backend, device="cuda"), verts, s["tri"], s["uvs"], s["tri"],
+                                     texture, s["mats"], (s["res"], s["res"]))
+        ((rgb * weights).sum() + alpha.sum()).backward()
+        runs.append((rgb.detach(), verts.grad, texture.grad))
+    cosine = torch.nn.functional.cosine_similarity
+    result.update({
+        "rgb_max_abs_diff": float((runs[0][0] - runs[1][0]).abs().max()),
+        "vertex_grad_cosine": float(cosine(runs[0][1].flatten().double(), runs[1][1].flatten().double(), dim=0)),
+        "texture_grad_cosine": float(cosine(runs[0][2].flatten().double(), runs[1][2].flatten().double(), dim=0)),
+    })
+    return result
 
 
 def profile(backends: list, s: dict, path: Path) -> None:
