@@ -38,7 +38,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # 2. nvdiffrast (NVIDIA Source Code License: non-commercial use only; not on PyPI) compiled here
 #    against the torch above, hence --no-build-isolation. Kernels for Ampere (8.0, 8.6), Ada (8.9)
 #    and Hopper (9.0), plus PTX so newer GPUs can JIT-compile them. No GPU is needed to build;
-#    setuptools, which the build uses, came with torch.
+#    setuptools, which the build uses, came with torch. For commercial use delete this step (or
+#    set PHOTO3D_RENDER_BACKEND=triton): the app then renders with its Triton kernels, which the
+#    triton package that torch's CUDA wheels install compiles at run time (MIT licence).
 ARG NVDIFFRAST_REF=v0.4.0
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0+PTX"
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -10,14 +10,19 @@ writes it under bench/results/ (named with the date, GPU and commit).
   pairs whose normals are > 90 / > 60 degrees apart, welded);
 - the raw cost of one nvdiffrast rasterize + interpolate + texture + antialias forward+backward at
   the refinement's batch, resolution and triangle count, so refine_ms_per_iter can be quoted as a
-  ratio to it.
+  ratio to it;
+- lego again with each rendering backend (``lego.backends.{nvdiffrast,triton,torch}``: end to end,
+  loop ms per step, held-out PSNR, all evaluated with the same renderer), each after an untimed
+  short run that compiles the triton kernels (as nvdiffrast's build is not timed either).
 
     python bench/gpu_e2e.py --data ../shared/data [--preset balanced] [--set KEY=VALUE ...] [--only lego]
+        [--backends nvdiffrast,triton,torch | --backends none]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -38,7 +43,8 @@ from pipeline.export import load_glb_in_world  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
 from pipeline.mesh import render_textured  # noqa: E402
 from pipeline.reconstruct import preload, reconstruct, split_holdout  # noqa: E402
-from pipeline.render import Rasterizer  # noqa: E402
+from pipeline.render import Rasterizer, nvdiffrast_available, triton_available  # noqa: E402
+from pipeline.render.rasterizer import BACKEND_ENV  # noqa: E402
 from pipeline.synthetic import load_textured_mesh, orbit_cameras, render_capture  # noqa: E402
 
 
@@ -55,9 +61,10 @@ def run_pipeline(capture, config, out_dir: Path) -> tuple[events.Result, dict]:
     return result, refine_steps
 
 
-def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, repeats: int = 20) -> float:
-    """ms per nvdiffrast rasterize+interpolate+texture+antialias forward+backward of a sphere with
-    ``faces`` triangles into ``views`` views: the floor the refinement loop is compared with."""
+def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, repeats: int = 20,
+                    backend: str = "nvdiffrast") -> float:
+    """ms per rasterize+interpolate+texture+antialias forward+backward of a sphere with ``faces``
+    triangles into ``views`` views (nvdiffrast: the floor the refinement loop is compared with)."""
     from bench.render_cpu import uv_sphere  # noqa: PLC0415
 
     vertices, tri = uv_sphere(faces)
@@ -66,7 +73,7 @@ def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, 
     cams = orbit_cameras(views, resolution, np.zeros(3), 3.0)
     mats = torch.tensor(cams.clip_matrices((resolution, resolution), 0.5, 6.0), dtype=torch.float32, device="cuda")
     texture = torch.rand(1, texture_size, texture_size, 3, device="cuda", requires_grad=True)
-    r = Rasterizer(backend="nvdiffrast", device="cuda")
+    r = Rasterizer(backend=backend, device="cuda")
 
     def step():
         verts = vertices.clone().requires_grad_(True)
@@ -83,7 +90,7 @@ def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, 
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def bench_lego(data: Path, config, out: Path, measure_raw: bool = True) -> dict:
+def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", measure_raw: bool = True) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     capture = load_capture(data / "lego", max_side=config.ingest.max_image_side)
@@ -91,15 +98,15 @@ def bench_lego(data: Path, config, out: Path, measure_raw: bool = True) -> dict:
     result, info = run_pipeline(fit, config, out / "lego")
     e2e = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
-    r = Rasterizer(device="cuda")
+    r = Rasterizer(backend="nvdiffrast" if nvdiffrast_available() else "auto", device="cuda")  # one judge
     mesh = load_glb_in_world(result.glb_path)
     means, _ = compare_views(mesh, held.cameras, held.images, held.masks, held.names, r, ssim=True)
     surface = surface_quality(mesh.vertices, mesh.faces)
     refine = config.refine
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
     height = min(refine.render_resolution, capture.resolution[0])
-    raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size) \
-        if measure_raw else float("nan")
+    raw_ms = raw_render_cost(int(info["faces"]), refine.views_per_step, height, refine.texture_size,
+                             backend=raw_backend) if measure_raw else float("nan")
     # The loops alone (the stage's time less its one-off setup: photo projection, atlas wait, bake).
     loop_ms = info["loop_ms_per_step"]
     return {
@@ -116,6 +123,25 @@ def bench_lego(data: Path, config, out: Path, measure_raw: bool = True) -> dict:
         "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
         "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"],
     }
+
+
+def bench_backends(data: Path, config, out: Path, backends: list) -> dict:
+    """lego end to end with each rendering backend forced (PHOTO3D_RENDER_BACKEND), in this run."""
+    results = {}
+    for backend in backends:
+        os.environ[BACKEND_ENV] = backend
+        try:
+            if backend == "triton":  # compile its kernels (cached on disk after a first run) untimed
+                short = apply_overrides(copy.deepcopy(config), {"refine.iterations": 20})
+                capture = load_capture(data / "lego", max_side=config.ingest.max_image_side)
+                run_pipeline(split_holdout(capture, 10)[0], short, out / "lego_warmup")
+            lego = bench_lego(data, config, out / f"lego_{backend}", raw_backend=backend)
+        finally:
+            del os.environ[BACKEND_ENV]
+        keys = ("e2e_seconds", "loop_ms_per_iter", "heldout_psnr", "heldout_ssim", "mask_iou", "stage_seconds",
+                "geometry_ms_per_step", "texture_ms_per_step", "raw_ms_per_iter")
+        results[backend] = {key: lego[key] for key in keys}
+    return results
 
 
 def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
@@ -169,6 +195,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_e2e"))
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tag", default="", help="appended to the result file's name (settings being compared)")
+    parser.add_argument("--backends", default="all",
+                        help="comma-separated rendering backends to time lego with (all: every available; none)")
     parser.add_argument("--profile", type=Path, metavar="TXT",
                         help="also run lego once under torch.profiler and write its op tables here")
     args = parser.parse_args()
@@ -186,6 +214,11 @@ def main() -> int:
     preload()
     if "lego" in only:
         report["lego"] = bench_lego(args.data, config, args.out)
+        available = [b for b, ok in (("nvdiffrast", nvdiffrast_available()), ("triton", triton_available("cuda")),
+                                     ("torch", True)) if ok]
+        backends = available if args.backends == "all" else [b for b in args.backends.split(",") if b in available]
+        if backends and args.backends != "none":
+            report["lego"]["backends"] = bench_backends(args.data, config, args.out, backends)
     for name, obj in (("spot", "spot/spot.obj"), ("bob", "bob/bob_tri.obj")):
         if name in only:
             report[name] = bench_mesh(args.data, name, obj, config, args.out)

@@ -1,14 +1,15 @@
-"""GPU parity of the torch rendering backend with nvdiffrast. Prints one JSON document.
+"""GPU parity of the torch and triton rendering backends with nvdiffrast. Prints one JSON document.
 
 Runs on a CUDA machine with nvdiffrast installed (NVIDIA Source Code License: non-commercial use).
 Feeds the same scenes (meshes from the shared data folder, several views, 256 and 512 px) through
-both backends: rasterize -> interpolate (per-vertex colours, UVs) -> texture -> antialias, then
-backward of a fixed random weighting of the result. Reports, per scene:
+the three backends: rasterize -> interpolate (per-vertex colours, UVs) -> texture -> antialias, then
+backward of a fixed random weighting of the result. Reports, per scene, for torch (plain keys) and
+for triton (the same keys prefixed ``triton_``) against nvdiffrast:
 - id_agreement: fraction of pixels covered by either backend whose triangle ids agree;
 - attr_max_abs_diff / uv_max_abs_diff / texture_max_abs_diff: on pixels where the ids agree;
 - pos_grad_cosine / attr_grad_cosine: cosine similarity of the gradients w.r.t. clip-space
   positions and vertex attributes after antialias;
-- ms_torch / ms_nvdiffrast: forward+backward time per iteration (median of timed runs).
+- ms_torch / ms_triton / ms_nvdiffrast: forward+backward time per iteration (median of timed runs).
 
     python bench/render_parity.py --data ../shared/data [--out bench/results/parity.json]
 """
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cameras import Cameras, look_at, to_clip  # noqa: E402
-from pipeline.render import Rasterizer  # noqa: E402
+from pipeline.render import Rasterizer, triton_available  # noqa: E402
 
 MESHES = {"spot": ("spot/spot.obj", "spot/spot_texture.png"), "bob": ("bob/bob_tri.obj", "bob/bob_diffuse.png")}
 
@@ -82,7 +83,7 @@ def run_backend(backend: str, scene: dict, repeats: int, textured: bool = True):
         shaded = colour * tex * (rast[..., 3:] > 0)
         out = r.antialias(shaded, rast, pos, scene["tri"])
         (out * scene["weights"]).sum().backward()
-        return rast, colour, uv, tex, out, pos.grad, attr.grad
+        return rast.detach(), colour.detach(), uv.detach(), tex.detach(), out.detach(), pos.grad, attr.grad
 
     result = forward_backward()
     for _ in range(2 if repeats else 0):  # warm-up (kernel compilation, allocator)
@@ -122,6 +123,27 @@ def topology_cache_error(scene: dict) -> float:
     return worst
 
 
+def compare(ours, theirs, ours_untextured_grad, theirs_untextured_grad) -> dict:
+    """Parity figures of one backend's run_backend results against nvdiffrast's."""
+    rast_o, col_o, uv_o, tex_o, out_o, gpos_o, gattr_o = ours
+    rast_n, col_n, uv_n, tex_n, out_n, gpos_n, gattr_n = theirs
+    id_o, id_n = rast_o[..., 3], rast_n[..., 3]
+    either = (id_o > 0) | (id_n > 0)
+    agree = (id_o == id_n) & either
+    return {
+        "covered_pixels": int(either.sum()),
+        "id_agreement": float(agree.sum() / either.sum()),
+        "attr_max_abs_diff": float((col_o - col_n).detach()[agree].abs().max()),
+        "uv_max_abs_diff": float((uv_o - uv_n)[agree].abs().max()),
+        "texture_max_abs_diff": float((tex_o - tex_n)[agree].abs().max()),
+        "texture_p99_abs_diff": float((tex_o - tex_n)[agree].abs().flatten().quantile(0.99)),
+        "antialias_mean_abs_diff": float((out_o - out_n).abs().mean()),
+        "pos_grad_cosine": cosine(gpos_o, gpos_n),
+        "pos_grad_cosine_untextured": cosine(ours_untextured_grad, theirs_untextured_grad),
+        "attr_grad_cosine": cosine(gattr_o, gattr_n),
+    }
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()))
 
@@ -137,6 +159,7 @@ def main() -> int:
         print(json.dumps({"error": "no CUDA device: this benchmark compares against nvdiffrast on the GPU"}))
         return 1
 
+    backends = ["nvdiffrast", "torch"] + (["triton"] if triton_available("cuda") else [])
     scenes = []
     for name, weld, resolutions in (("spot", False, (256, 512)), ("bob", False, (256, 512)), ("spot", True, (256,))):
         vertices, faces, uv_per_vertex, image = load_mesh(args.data, name, weld)
@@ -154,41 +177,39 @@ def main() -> int:
                 "weights": torch.rand(args.views, res, res, 3, device="cuda",
                                       generator=torch.Generator("cuda").manual_seed(0)),
             }
-            (rast_t, col_t, uv_t, tex_t, out_t, gpos_t, gattr_t), ms_t = run_backend("torch", scene, args.repeats)
-            (rast_n, col_n, uv_n, tex_n, out_n, gpos_n, gattr_n), ms_n = run_backend("nvdiffrast", scene, args.repeats)
+            runs = {b: run_backend(b, scene, args.repeats) for b in backends}
             # The same without texture: separates rasterize+antialias gradients from texture ones.
-            (_, _, _, _, _, gpos_tp, _), _ = run_backend("torch", scene, 0, textured=False)
-            (_, _, _, _, _, gpos_np, _), _ = run_backend("nvdiffrast", scene, 0, textured=False)
-            id_t, id_n = rast_t[..., 3], rast_n[..., 3]
-            either = (id_t > 0) | (id_n > 0)
-            agree = (id_t == id_n) & either
-            scenes.append({
-                "mesh": name + (" (welded)" if weld else ""), "resolution": res, "views": args.views, "triangles": int(len(faces)),
-                "covered_pixels": int(either.sum()),
-                "id_agreement": float(agree.sum() / either.sum()),
-                "attr_max_abs_diff": float((col_t - col_n).detach()[agree].abs().max()),
-                "uv_max_abs_diff": float((uv_t - uv_n)[agree].abs().max()),
-                "texture_max_abs_diff": float((tex_t - tex_n)[agree].abs().max()),
-                "texture_p99_abs_diff": float((tex_t - tex_n)[agree].abs().flatten().quantile(0.99)),
-                "antialias_mean_abs_diff": float((out_t - out_n).abs().mean()),
-                "pos_grad_cosine": cosine(gpos_t, gpos_n),
-                "pos_grad_cosine_untextured": cosine(gpos_tp, gpos_np),
-                "attr_grad_cosine": cosine(gattr_t, gattr_n),
-                "antialias_topology_cache_max_diff": topology_cache_error(scene),
-                "ms_torch": ms_t, "ms_nvdiffrast": ms_n, "speed_ratio_torch_over_nvdiffrast": ms_t / ms_n,
-            })
+            untextured = {b: run_backend(b, scene, 0, textured=False)[0][5] for b in backends}
+            entry = {"mesh": name + (" (welded)" if weld else ""), "resolution": res, "views": args.views,
+                     "triangles": int(len(faces))}
+            for backend in backends[1:]:
+                prefix = "" if backend == "torch" else backend + "_"
+                entry.update({prefix + k: v for k, v in compare(runs[backend][0], runs["nvdiffrast"][0],
+                                                                untextured[backend], untextured["nvdiffrast"]).items()})
+                entry[f"ms_{backend}"] = runs[backend][1]
+                entry[f"speed_ratio_{backend}_over_nvdiffrast"] = runs[backend][1] / runs["nvdiffrast"][1]
+            entry["ms_nvdiffrast"] = runs["nvdiffrast"][1]
+            if "triton" in runs:  # the triton kernels against their reference, the torch backend
+                versus = compare(runs["triton"][0], runs["torch"][0], untextured["triton"], untextured["torch"])
+                entry.update({f"triton_vs_torch_{k}": versus[k] for k in ("id_agreement", "attr_max_abs_diff",
+                                                                          "texture_max_abs_diff", "pos_grad_cosine",
+                                                                          "attr_grad_cosine")})
+            entry["antialias_topology_cache_max_diff"] = topology_cache_error(scene)
+            scenes.append(entry)
     report = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "commit": _git_commit(), "date": time.strftime("%Y-%m-%d"),
         "scenes": scenes,
         "summary": {
-            "min_id_agreement": min(s["id_agreement"] for s in scenes),
-            "max_attr_abs_diff": max(s["attr_max_abs_diff"] for s in scenes),
-            "min_pos_grad_cosine": min(s["pos_grad_cosine"] for s in scenes),
-            "min_attr_grad_cosine": min(s["attr_grad_cosine"] for s in scenes),
-            "max_antialias_topology_cache_diff": max(s["antialias_topology_cache_max_diff"] for s in scenes),
+            f"{prefix}{key}": fold(s[prefix + field] for s in scenes)
+            for prefix in ["", "triton_"][:len(backends) - 1]
+            for key, field, fold in (("min_id_agreement", "id_agreement", min),
+                                     ("max_attr_abs_diff", "attr_max_abs_diff", max),
+                                     ("min_pos_grad_cosine", "pos_grad_cosine", min),
+                                     ("min_attr_grad_cosine", "attr_grad_cosine", min))
         },
     }
+    report["summary"]["max_antialias_topology_cache_diff"] = max(s["antialias_topology_cache_max_diff"] for s in scenes)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

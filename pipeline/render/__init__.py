@@ -1,5 +1,5 @@
-"""Differentiable rendering: one interface (`Rasterizer`), an nvdiffrast and a torch backend."""
+"""Differentiable rendering: one interface (`Rasterizer`) over nvdiffrast, triton and torch backends."""
 
-from .rasterizer import Rasterizer, nvdiffrast_available
+from .rasterizer import Rasterizer, nvdiffrast_available, triton_available
 
-__all__ = ["Rasterizer", "nvdiffrast_available"]
+__all__ = ["Rasterizer", "nvdiffrast_available", "triton_available"]

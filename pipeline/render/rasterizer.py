@@ -1,16 +1,22 @@
-"""One differentiable-rendering interface over two backends.
+"""One differentiable-rendering interface over three backends.
 
 `Rasterizer` mirrors `nvdiffrast.torch` (rasterize, interpolate, texture, antialias) without the
-context argument. The ``nvdiffrast`` backend calls NVIDIA's CUDA kernels (NVIDIA Source Code
-License: non-commercial use only); the ``torch`` backend is our pure-PyTorch reference that runs
-on any device and is held to nvdiffrast by ``bench/render_parity.py``. Conventions (row order,
-pixel centres, clip space, fill rule, near plane) are in docs/CONVENTIONS.md.
+context argument. The ``nvdiffrast`` backend calls NVIDIA's CUDA kernels (compiled against the
+installed torch at install time; NVIDIA Source Code License: non-commercial use only); the
+``triton`` backend runs our Triton kernels, compiled at run time by the Triton that ships with
+every CUDA build of torch (MIT licence, nothing to build); the ``torch`` backend is our pure-PyTorch
+reference that runs on any device. ``bench/render_parity.py`` holds the torch and triton backends
+to nvdiffrast on the GPU, and the tests hold the triton kernels to the torch reference on the CPU
+(Triton's interpreter). Conventions (row order, pixel centres, clip space, fill rule, near plane)
+are in docs/CONVENTIONS.md.
 
-Shapes are checked here, at the boundary, so both backends can assume well-formed input.
+Shapes are checked here, at the boundary, so the backends can assume well-formed input.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
@@ -19,12 +25,19 @@ from torch import Tensor
 
 from . import torch_backend
 
-BACKENDS = ("auto", "torch", "nvdiffrast")
+BACKENDS = ("auto", "torch", "triton", "nvdiffrast")
 FILTER_MODES = ("auto", "nearest", "linear", "linear-mipmap-linear")
 BOUNDARY_MODES = ("wrap", "clamp", "zero")
 
+log = logging.getLogger("photo3d.render")
+# Names the backend that ``backend="auto"`` uses, e.g. "triton" on a machine that has nvdiffrast
+# but must not use it (its licence is non-commercial), or to compare backends end to end.
+BACKEND_ENV = "PHOTO3D_RENDER_BACKEND"
+
 _nvdiffrast_import_error: Optional[str] = None
-_nvdiffrast_warned = False
+_triton_import_error: Optional[str] = None
+_torch_on_cuda_warned = False
+_logged_choices: set = set()
 
 
 def _import_nvdiffrast():
@@ -41,18 +54,47 @@ def _import_nvdiffrast():
         return None
 
 
+def _import_triton_backend():
+    """pipeline.render.triton_backend, or None with the reason remembered (imports triton, which
+    CPU builds of torch do not bring)."""
+    global _triton_import_error
+    if _triton_import_error is not None:
+        return None
+    try:
+        from . import triton_backend  # noqa: PLC0415 (optional: needs the triton package)
+
+        return triton_backend
+    except Exception as exc:  # ImportError, or a triton that fails to initialise
+        _triton_import_error = f"{type(exc).__name__}: {exc}"
+        return None
+
+
 def nvdiffrast_available() -> bool:
     """True when nvdiffrast imports and CUDA is usable."""
     return torch.cuda.is_available() and _import_nvdiffrast() is not None
 
 
+def triton_available(device: Union[str, torch.device, None] = None) -> bool:
+    """True when the triton backend can run on ``device`` (default: CUDA): a CUDA device with the
+    triton package, or any device under Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests)."""
+    device = torch.device(device or "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
+    backend = _import_triton_backend()
+    return backend is not None and (device.type == "cuda" or backend.INTERPRETED)
+
+
 class Rasterizer:
-    """Differentiable rasterizer with an ``nvdiffrast`` (CUDA) and a ``torch`` (any device) backend.
+    """Differentiable rasterizer with ``nvdiffrast`` (CUDA), ``triton`` (CUDA) and ``torch`` (any
+    device) backends, which give the same results within float rounding (docs/CONVENTIONS.md).
 
     Args:
-        backend: ``"auto"`` picks nvdiffrast for CUDA devices when it imports, else torch (with a
-            one-line warning when a CUDA device has no nvdiffrast). ``"nvdiffrast"`` raises a
-            RuntimeError that says how to install it when it is missing; ``"torch"`` always works.
+        backend: ``"auto"`` picks, for a CUDA device, nvdiffrast when it imports, else triton when
+            it imports, else torch (with a one-line warning: it is ~20x slower); for any other
+            device, torch. The choice is logged once per process on the ``photo3d.render`` logger;
+            the environment variable ``PHOTO3D_RENDER_BACKEND`` (torch, triton or nvdiffrast)
+            overrides it. ``"nvdiffrast"`` and ``"triton"`` raise a RuntimeError that says how to install them
+            when they are missing; ``"torch"`` always works.
         device: the device the inputs will live on (default: CUDA if available, else CPU).
             Only used to choose the backend and to create nvdiffrast's context.
     """
@@ -65,15 +107,13 @@ class Rasterizer:
         self.device = torch.device(device)
         self._dr = None
         self._ctx = None
-        self._topology = None  # (tri, its version, hash): see _topology_hash
+        self._triton = None
+        self._topology = None  # (tri, its version, nvdiffrast's hash or triton's adjacency): see _topology_of
         if backend == "auto":
-            backend = "torch"
-            if self.device.type == "cuda":
-                dr = _import_nvdiffrast()
-                if dr is not None:
-                    backend = "nvdiffrast"
-                else:
-                    _warn_fallback_once()
+            forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+            if forced and forced not in BACKENDS:
+                raise ValueError(f"{BACKEND_ENV}={forced!r} must be one of {BACKENDS}")
+            backend = forced if forced and forced != "auto" else self._auto_backend()
         if backend == "nvdiffrast":
             if self.device.type != "cuda":
                 raise RuntimeError(
@@ -85,11 +125,39 @@ class Rasterizer:
                     "nvdiffrast is not installed or failed to load "
                     f"({_nvdiffrast_import_error}). Install it after a CUDA build of torch with "
                     "`pip install --no-build-isolation git+https://github.com/NVlabs/nvdiffrast.git`, "
-                    "or use backend='torch'."
+                    "or use backend='triton' or 'torch'."
                 )
             self._dr = dr
             self._ctx = dr.RasterizeCudaContext(device=self.device)
+        if backend == "triton":
+            self._triton = _import_triton_backend()
+            if self._triton is None:
+                raise RuntimeError(
+                    f"backend='triton' needs the triton package ({_triton_import_error}); CUDA builds of "
+                    "torch install it, or `pip install triton`; or use backend='torch'."
+                )
+            if self.device.type != "cuda" and not self._triton.INTERPRETED:
+                raise RuntimeError(
+                    f"backend='triton' needs a CUDA device, got {self.device} (on the CPU only Triton's "
+                    "interpreter runs it, with TRITON_INTERPRET=1 set before pipeline.render.triton_backend "
+                    "is imported: slow, for tests); use backend='torch'"
+                )
         self.backend = backend
+
+    def _auto_backend(self) -> str:
+        if self.device.type != "cuda":
+            return "torch"
+        if _import_nvdiffrast() is not None:
+            _log_choice_once("nvdiffrast", "rendering backend: nvdiffrast")
+            return "nvdiffrast"
+        if triton_available(self.device):
+            _log_choice_once("triton",
+                             f"rendering backend: triton (nvdiffrast unavailable: {_nvdiffrast_import_error})")
+            return "triton"
+        _log_choice_once("torch", f"rendering backend: torch (nvdiffrast unavailable: {_nvdiffrast_import_error}; "
+                                  f"triton unavailable: {_triton_import_error})")
+        _warn_torch_on_cuda_once()
+        return "torch"
 
     def __repr__(self) -> str:
         return f"Rasterizer(backend={self.backend!r}, device={str(self.device)!r})"
@@ -139,6 +207,8 @@ class Rasterizer:
             return self._dr.rasterize(
                 self._ctx, pos.contiguous(), tri.contiguous(), (height, width), ranges=ranges, grad_db=grad_db
             )
+        if self._triton is not None:
+            return self._triton.rasterize(pos, tri, (height, width), ranges=ranges, grad_db=grad_db)
         return torch_backend.rasterize(pos, tri, (height, width), ranges=ranges, grad_db=grad_db)
 
     # ---------------------------------------------------------------- interpolate
@@ -173,6 +243,8 @@ class Rasterizer:
             _check_rast("rast_db", rast_db, like=rast)
         if self._dr is not None:
             return self._dr.interpolate(attr.contiguous(), rast, tri.contiguous(), rast_db=rast_db, diff_attrs=diff_attrs)
+        if self._triton is not None:
+            return self._triton.interpolate(attr, rast, tri, rast_db=rast_db, diff_attrs=diff_attrs)
         return torch_backend.interpolate(attr, rast, tri, rast_db=rast_db, diff_attrs=diff_attrs)
 
     # -------------------------------------------------------------------- texture
@@ -219,7 +291,8 @@ class Rasterizer:
                 uv_da=uv_da.contiguous() if (uv_da is not None and filter_mode == "linear-mipmap-linear") else None,
                 filter_mode=filter_mode, boundary_mode=boundary_mode, max_mip_level=max_mip_level,
             )
-        return torch_backend.texture(
+        backend = self._triton if self._triton is not None else torch_backend
+        return backend.texture(
             tex, uv, uv_da=uv_da, filter_mode=filter_mode, boundary_mode=boundary_mode, max_mip_level=max_mip_level
         )
 
@@ -249,27 +322,40 @@ class Rasterizer:
         if self._dr is not None:
             tri = tri.contiguous()
             return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri,
-                                      topology_hash=self._topology_hash(tri))
+                                      topology_hash=self._topology_of(tri))
+        if self._triton is not None:
+            return self._triton.antialias(color, rast, pos, tri, opposite=self._topology_of(tri))
         return torch_backend.antialias(color, rast, pos, tri)
 
-    def _topology_hash(self, tri: Tensor):  # nvdiffrast's edge hash of ``tri``, kept while ``tri`` is unchanged
-        """nvdiffrast builds this hash on every antialias call unless it is given; an optimisation
-        renders the same faces thousands of times. Kept for the same tensor object at the same
-        version (the cache holds the tensor, so its memory cannot be reused by another one): an
-        in-place change of ``tri`` or another tensor rebuilds it."""
+    def _topology_of(self, tri: Tensor):  # nvdiffrast's edge hash / triton's adjacency of ``tri``
+        """Both backends need the mesh's edge adjacency and would build it on every antialias call;
+        an optimisation renders the same faces thousands of times. Kept for the same tensor object
+        at the same version (the cache holds the tensor, so its memory cannot be reused by another
+        one): an in-place change of ``tri`` or another tensor rebuilds it."""
         if self._topology is None or self._topology[0] is not tri or self._topology[1] != tri._version:
-            self._topology = (tri, tri._version, self._dr.antialias_construct_topology_hash(tri))
+            if self._dr is not None:
+                topology = self._dr.antialias_construct_topology_hash(tri)
+            else:
+                topology = self._triton.opposite_vertices(tri)
+            self._topology = (tri, tri._version, topology)
         return self._topology[2]
 
 
-def _warn_fallback_once() -> None:
-    global _nvdiffrast_warned
-    if not _nvdiffrast_warned:
-        _nvdiffrast_warned = True
+def _log_choice_once(backend: str, message: str) -> None:
+    if backend not in _logged_choices:
+        _logged_choices.add(backend)
+        log.info(message)
+
+
+def _warn_torch_on_cuda_once() -> None:
+    global _torch_on_cuda_warned
+    if not _torch_on_cuda_warned:
+        _torch_on_cuda_warned = True
         warnings.warn(
-            f"nvdiffrast unavailable ({_nvdiffrast_import_error}); using the slower torch rasterizer on CUDA",
+            f"nvdiffrast unavailable ({_nvdiffrast_import_error}) and triton unavailable ({_triton_import_error}); "
+            "using the slower torch rasterizer on CUDA",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
