@@ -13,7 +13,7 @@ from pipeline import events
 from pipeline.capture import Capture
 from pipeline.config import apply_overrides, preset
 from pipeline.errors import PipelineError
-from pipeline.evaluate import chamfer_fscore, compare_views
+from pipeline.evaluate import chamfer_fscore, compare_views, surface_quality
 from pipeline.export import load_glb_in_world
 from pipeline.importers import load_capture
 from pipeline.reconstruct import reconstruct
@@ -53,6 +53,9 @@ def test_lego_heldout_quality(lego_run):
     means, per_view = compare_views(load_glb_in_world(result.glb_path), held.cameras, held.images, held.masks, held.names,
                                     Rasterizer(backend="torch", device="cpu"))
     print("lego held-out", means)
+    # A clean surface, not only good silhouettes (issue 12): fold-overs of the exported mesh, welded.
+    assert surface_quality(*_glb_geometry(result.glb_path))["fold_over_pct"] <= 1.0
+    assert result.metrics["fold_over_pct"] <= 1.0
     assert means["mask_iou"] >= 0.90
     assert means["psnr"] >= 22.0
     assert min(v["mask_iou"] for v in per_view.values()) >= 0.85
@@ -109,6 +112,22 @@ def test_spot_geometry(tmp_path):
     print("spot", scores)
     assert scores["chamfer_l1_pct_diag"] <= 1.0
     assert scores["fscore_1pct"] >= 0.9
+    assert surface_quality(mesh.vertices, mesh.faces)["fold_over_pct"] <= 1.0
+
+
+def test_mold_cape_real_photos_give_a_clean_surface(tmp_path):
+    """Real photos (12 of the British Museum's gold cape, masks, LLFF poses): no folded surface."""
+    capture = load_capture(REPO / "assets" / "mold_cape_12")
+    _, result = _run(capture, _fast(**{"refine.iterations": 60, "refine.texture_size": 256}), tmp_path)
+    quality = surface_quality(*_glb_geometry(result.glb_path))
+    print("mold_cape", quality)
+    assert quality["fold_over_pct"] <= 1.0
+    assert result.metrics["train_mask_iou"] >= 0.85
+
+
+def _glb_geometry(path):
+    mesh = load_glb_in_world(path)
+    return mesh.vertices, mesh.faces
 
 
 def test_cancel_stops_and_yields_no_result(tmp_path):
