@@ -7,8 +7,10 @@ Host and port come from --host/--port, else GRADIO_SERVER_NAME / GRADIO_SERVER_P
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
+import socket
 import sys
 from typing import List, Optional
 
@@ -25,6 +27,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def addresses(host: str, port: int) -> List[str]:
+    """The addresses to print for a server listening on ``host``: ones a person can open.
+
+    0.0.0.0 (every interface) is not one: it becomes localhost, plus this machine's name for
+    the other machines of the network. Other hosts are printed as they are.
+    """
+    if host in ("0.0.0.0", "::", ""):
+        urls = [f"http://localhost:{port}"]
+        name = socket.gethostname()
+        if name and name != "localhost":
+            urls.append(f"http://{name}:{port}")
+        return urls
+    return [f"http://{host}:{port}"]
+
+
+def _log_to_console() -> None:
+    """The app's own messages (ui.handlers: one line per refused run, tracebacks of real faults)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("photo3d")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if os.environ.get("SPACES_ZERO_GPU"):
@@ -36,13 +63,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     limit_heap_arenas()  # before the server's threads: see pipeline/memory.py
     from pipeline.reconstruct import preload  # noqa: PLC0415
 
-    preload()
+    _log_to_console()
+    preload()  # imports pycolmap, whose crash handler takes SIGTERM over: the handler below comes after
 
     app = build_app()
     # `docker stop` and Spaces send SIGTERM: leave through the same cleanup as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+        # quiet: gradio would print the address it listens on (http://0.0.0.0:...), not one to open.
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, quiet=True,
+                   prevent_thread_lock=True)
+        for url in addresses(args.host, args.port):
+            print(f"* Open {url} in a browser", flush=True)
+        app.blocks.block_thread()
     finally:
         app.close()
     return 0

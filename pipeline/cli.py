@@ -62,7 +62,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             result = event
     if result is None:  # cancelled
         return 1
-    rows = [("GLB", result.glb_path), ("OBJ zip", result.zip_path), ("cameras", result.cameras_path)]
+    rows = [("GLB", result.glb_path), ("OBJ zip", result.zip_path), ("shaded GLB", result.shaded_glb_path),
+            ("cameras", result.cameras_path)]
     rows += [(f"time {stage}", f"{seconds:.1f} s") for stage, seconds in result.timings.items()]
     rows += [(key, f"{value:.4f}") for key, value in result.metrics.items()]
     width = max(len(key) for key, _ in rows)

@@ -50,6 +50,7 @@ class Result:
     glb_path: str
     zip_path: str
     cameras_path: str
+    shaded_glb_path: str = ""  # the same model untextured, in grey (for viewers)
     metrics: Dict[str, float] = field(default_factory=dict)
     per_view: Dict[str, Dict[str, float]] = field(default_factory=dict)  # view name -> {psnr, mask_iou}
     timings: Dict[str, float] = field(default_factory=dict)  # stage -> seconds

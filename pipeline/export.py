@@ -50,6 +50,10 @@ _FLOAT, _UINT32 = 5126, 5125
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 _UNLIT = "KHR_materials_unlit"
+# The untextured model's material (linear base colour, roughness): a matte mid grey, so that a viewer's
+# lighting shows the relief (lighter greys wash out under the environment light of web viewers).
+SHADED_GREY = 0.25
+SHADED_ROUGHNESS = 0.9
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -128,8 +132,8 @@ def write_glb(
     path: PathLike,
     vertices: np.ndarray,  # [V, 3] normalised frame
     faces: np.ndarray,  # [F, 3]
-    uvs: np.ndarray,  # [V, 2] glTF convention
-    texture: np.ndarray,  # [h, w, 3] float in [0, 1], sRGB values
+    uvs: Optional[np.ndarray],  # [V, 2] glTF convention; None (with texture None): grey, untextured
+    texture: Optional[np.ndarray],  # [h, w, 3] float in [0, 1], sRGB values
     world_from_model: np.ndarray,  # [4, 4] normalised frame -> input cameras' world frame
     unlit: bool = False,
     *,
@@ -148,68 +152,69 @@ def write_glb(
     Material: PBR metallic-roughness with metallic 0, roughness 1 and the texture as
     ``baseColorTexture``. With ``unlit``, also ``KHR_materials_unlit`` (listed in
     ``extensionsUsed``, not required: viewers without it fall back to the PBR material), which
-    shows the texture's colours as captured instead of relighting the baked-in shading.
+    shows the texture's colours as captured instead of relighting the baked-in shading. Without
+    ``uvs`` and ``texture``: the shape alone, in a uniform mid grey (`SHADED_GREY`) that a viewer
+    lights, so the surface's relief shows.
     """
     faces = np.asarray(faces, dtype=np.int64)
-    uvs = np.asarray(uvs, dtype=np.float64)
-    if uvs.shape != (len(vertices), 2):
-        raise ValueError(f"uvs must be [{len(vertices)}, 2] (per vertex), got {uvs.shape}")
+    textured = texture is not None or png is not None
+    if textured != (uvs is not None):
+        raise ValueError("give both uvs and a texture, or neither (an untextured, grey model)")
+    if textured:
+        uvs = np.asarray(uvs, dtype=np.float64)
+        if uvs.shape != (len(vertices), 2):
+            raise ValueError(f"uvs must be [{len(vertices)}, 2] (per vertex), got {uvs.shape}")
     positions, normals, world_from_glb = _to_export_frame(vertices, faces, world_from_model, up, scale, normals)
 
-    blobs = [
-        positions.astype("<f4").tobytes(),
-        normals.astype("<f4").tobytes(),
-        uvs.astype("<f4").tobytes(),
-        faces.astype("<u4").tobytes(),
-        png if png is not None else texture_png(texture),
-    ]
-    offsets = np.concatenate([[0], np.cumsum([len(_pad4(b)) for b in blobs])]).tolist()
-    binary = b"".join(_pad4(b) for b in blobs)
-    views = [
-        {"buffer": 0, "byteOffset": offsets[0], "byteLength": len(blobs[0]), "target": _ARRAY_BUFFER},
-        {"buffer": 0, "byteOffset": offsets[1], "byteLength": len(blobs[1]), "target": _ARRAY_BUFFER},
-        {"buffer": 0, "byteOffset": offsets[2], "byteLength": len(blobs[2]), "target": _ARRAY_BUFFER},
-        {"buffer": 0, "byteOffset": offsets[3], "byteLength": len(blobs[3]), "target": _ELEMENT_ARRAY_BUFFER},
-        {"buffer": 0, "byteOffset": offsets[4], "byteLength": len(blobs[4])},
-    ]
     stored = positions.astype(np.float32)  # min/max must match the stored float32 values exactly
+    blobs = [stored.astype("<f4").tobytes(), normals.astype("<f4").tobytes(), faces.astype("<u4").tobytes()]
     accessors = [
         {"bufferView": 0, "componentType": _FLOAT, "count": len(positions), "type": "VEC3",
          "min": stored.min(axis=0).tolist(), "max": stored.max(axis=0).tolist()},
         {"bufferView": 1, "componentType": _FLOAT, "count": len(positions), "type": "VEC3"},
-        {"bufferView": 2, "componentType": _FLOAT, "count": len(positions), "type": "VEC2"},
-        {"bufferView": 3, "componentType": _UINT32, "count": faces.size, "type": "SCALAR"},
+        {"bufferView": 2, "componentType": _UINT32, "count": faces.size, "type": "SCALAR"},
     ]
-    material = {
-        "name": "baked",
-        "pbrMetallicRoughness": {
-            "baseColorTexture": {"index": 0},
-            "metallicFactor": 0.0,
-            "roughnessFactor": 1.0,
-        },
-        "doubleSided": bool(double_sided),
-    }
+    targets = [_ARRAY_BUFFER, _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER]
+    attributes = {"POSITION": 0, "NORMAL": 1}
+    pbr = {"metallicFactor": 0.0, "roughnessFactor": 1.0}
+    if textured:
+        blobs += [uvs.astype("<f4").tobytes(), png if png is not None else texture_png(texture)]
+        accessors.append({"bufferView": 3, "componentType": _FLOAT, "count": len(positions), "type": "VEC2"})
+        targets += [_ARRAY_BUFFER, None]
+        attributes["TEXCOORD_0"] = 3
+        pbr["baseColorTexture"] = {"index": 0}
+    else:
+        pbr.update(baseColorFactor=[SHADED_GREY] * 3 + [1.0], roughnessFactor=SHADED_ROUGHNESS)
+    offsets = np.concatenate([[0], np.cumsum([len(_pad4(b)) for b in blobs])]).tolist()
+    binary = b"".join(_pad4(b) for b in blobs)
+    views = [{"buffer": 0, "byteOffset": offset, "byteLength": len(blob), **({"target": target} if target else {})}
+             for blob, offset, target in zip(blobs, offsets, targets)]
+    material = {"name": "baked" if textured else "shaded", "pbrMetallicRoughness": pbr,
+                "doubleSided": bool(double_sided)}
     gltf = {
         "asset": {"version": "2.0", "generator": "pipeline.export"},
         "scene": 0,
         "scenes": [{"nodes": [0], "extras": {"world_from_model": world_from_glb.reshape(-1).tolist()}}],
         "nodes": [{"mesh": 0, "name": "model"}],
         "meshes": [{"name": "model", "primitives": [{
-            "attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2},
-            "indices": 3,
+            "attributes": attributes,
+            "indices": 2,
             "material": 0,
             "mode": 4,
         }]}],
         "materials": [material],
-        "textures": [{"sampler": 0, "source": 0}],
-        # Clamp: the atlas border is not periodic; trilinear so minified views do not alias.
-        "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
-                      "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}],
-        "images": [{"bufferView": 4, "mimeType": "image/png"}],
         "accessors": accessors,
         "bufferViews": views,
         "buffers": [{"byteLength": len(binary)}],
     }
+    if textured:
+        gltf.update({
+            "textures": [{"sampler": 0, "source": 0}],
+            # Clamp: the atlas border is not periodic; trilinear so minified views do not alias.
+            "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
+                          "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}],
+            "images": [{"bufferView": 4, "mimeType": "image/png"}],
+        })
     if unlit:
         material["extensions"] = {_UNLIT: {}}
         gltf["extensionsUsed"] = [_UNLIT]
@@ -309,9 +314,10 @@ def export_textured_mesh(
     unlit: bool = False,
     name: str = "model",
     rasterizer: Optional[Rasterizer] = None,
-) -> dict:  # {"glb": Path, "zip": Path, "world_from_model": [4, 4], "vertices": [Vt, 3], "faces": [F, 3]}
+) -> dict:  # {"glb", "zip", "shaded_glb": Path, "world_from_model": [4, 4], "vertices": [Vt, 3], "faces": [F, 3]}
     """The export stage: simplify to ``target_faces`` (re-unwrapping and re-baking the texture
-    from the refined one when that changes the mesh), then write ``name``.glb and ``name``_obj.zip.
+    from the refined one when that changes the mesh), then write ``name``.glb, ``name``_obj.zip and
+    ``name``_shaded.glb (the same shape in grey, untextured: for viewers, to see the surface itself).
     ``vertices`` / ``faces`` are the written geometry in the normalised frame (split along UV seams)."""
     out_dir = Path(out_dir)
     if len(mesh.faces) > target_faces:
@@ -331,7 +337,10 @@ def export_textured_mesh(
     world_from_model = write_glb(glb, positions, faces_uv, uvs, texture, world_from_normalised, unlit=unlit, up=up,
                                  png=png)
     write_obj_zip(archive, positions, faces_uv, uvs, texture, world_from_normalised, up=up, name=name, png=png)
-    return {"glb": glb, "zip": archive, "world_from_model": world_from_model, "vertices": positions, "faces": faces_uv}
+    shaded = out_dir / f"{name}_shaded.glb"
+    write_glb(shaded, positions, faces_uv, None, None, world_from_normalised, up=up)
+    return {"glb": glb, "zip": archive, "shaded_glb": shaded, "world_from_model": world_from_model,
+            "vertices": positions, "faces": faces_uv}
 
 
 def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB coordinates, world_from_model)

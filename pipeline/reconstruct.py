@@ -33,14 +33,17 @@ from .turntable import turntable_from_files
 
 MIN_VIEWS = 3
 MIN_RETRY_RESOLUTION = 128  # the refinement's retry after running out of GPU memory renders at least this
-OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Lower 'Render resolution', 'Mesh "
-                     "faces', 'Texture size' or 'Max image side' (or choose the fast preset) and run again.")
+OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Lower refine.render_resolution, "
+                     "refine.mesh_faces, refine.texture_size or ingest.max_image_side (or choose the fast preset) "
+                     "and run again.")
 
 
 def preload() -> None:
     """Import now what a first job would otherwise import on its clock: constructing a torch
-    optimizer imports ``torch._dynamo`` (about 3 s, once per process). The app calls this at start."""
+    optimizer imports ``torch._dynamo`` (about 3 s, once per process); pycolmap takes SIGTERM over
+    when imported (see `sfm.preload`). The app calls this at start, from its main thread."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    sfm.preload()
 
 
 def holdout_mask(count: int, every: int) -> np.ndarray:  # [count] bool, True = held out
@@ -211,7 +214,8 @@ def reconstruct(
             validate_capture(capture)
         fit, held = split_holdout(capture, config.ingest.holdout_every)
         if len(fit) < MIN_VIEWS:
-            raise PipelineError(f"holding out every {config.ingest.holdout_every}th view leaves too few to fit")
+            raise PipelineError(f"holding out every {config.ingest.holdout_every}th view leaves too few to fit: "
+                                "lower ingest.holdout_every (0 holds none out)")
         timings["cameras"] = _now() - start
         yield StageFinished("cameras", timings["cameras"])
 
@@ -224,7 +228,7 @@ def reconstruct(
         field = carve_visual_hull(cameras, fit.masks, resolution=config.hull.grid_resolution,
                                   bad_view_tolerance=config.hull.bad_view_tolerance, device=device)
         vertices, faces = hull_mesh(field)
-        yield Progress("hull", 0.6, f"hull: {len(faces)} triangles")
+        yield Progress("hull", 1.0, f"{len(faces)} triangles carved (the refinement remeshes or simplifies them)")
         check_cancel(cancel)
         timings["hull"] = _now() - start
         yield Metrics("hull", {"faces": float(len(faces)), "vertices": float(len(vertices))})
@@ -263,10 +267,13 @@ def reconstruct(
             metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
             per_view.update(held_views)
         timings["export"] = _now() - start
+        yield Progress("export", 1.0, f"{len(files['faces'])} triangles written; fit to the photos: PSNR "
+                                      f"{means['psnr']:.2f} dB, mask IoU {means['mask_iou']:.3f}")
         yield Metrics("export", metrics)
         yield StageFinished("export", timings["export"])
         timings["total"] = sum(timings.values())
         yield Result(glb_path=str(files["glb"]), zip_path=str(files["zip"]), cameras_path=str(cameras_path),
+                     shaded_glb_path=str(files["shaded_glb"]),
                      metrics=metrics, per_view=per_view, timings=timings, heldout=heldout)
     except Cancelled:
         yield Warning("cancelled: the reconstruction was stopped before it finished")
@@ -285,8 +292,8 @@ def _refine_within_memory(vertices, faces, field, cameras, fit, up, settings, ra
     lower = max(MIN_RETRY_RESOLUTION, first // 2 // 32 * 32)
     for resolution in [first, lower] if lower < first else [first]:
         if resolution != first:
-            yield Warning(f"Out of GPU memory refining at {first} px; retrying at {resolution} px (lower 'Render "
-                          "resolution', 'Mesh faces' or 'Texture size' to avoid this).")
+            yield Warning(f"Out of GPU memory refining at {first} px; retrying at {resolution} px (lower "
+                          "refine.render_resolution, refine.mesh_faces or refine.texture_size to avoid this).")
         try:
             return (yield from refine(vertices, faces, cameras, fit.images, fit.masks, up,
                                       dataclasses.replace(settings, render_resolution=resolution), rasterizer,

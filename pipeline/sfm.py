@@ -67,12 +67,20 @@ class SfMResult:
                 f"{self.mean_reprojection_error:.2f} px, {len(self.points)} points, {self.seconds:.0f} s")
 
 
+def preload() -> None:
+    """Import pycolmap now. Its import installs glog's failure signal handler, which takes SIGTERM too
+    and prints a crash-style stack trace on an ordinary shutdown: a program that handles SIGTERM
+    itself (the app) calls this from its main thread before it sets its own handler."""
+    import pycolmap  # noqa: F401
+
+
 def _silence_colmap() -> None:
-    """pycolmap logs every step through glog on stderr: keep only errors."""
+    """pycolmap logs every step through glog on stderr; its errors ("Failed to create any sparse model")
+    become our PipelineErrors, which say it in the user's terms: keep only fatal ones."""
     import pycolmap
 
-    pycolmap.logging.minloglevel = 2
-    pycolmap.logging.stderrthreshold = 2
+    pycolmap.logging.minloglevel = 3
+    pycolmap.logging.stderrthreshold = 3
 
 
 def _write_inputs(folder: Path, images: np.ndarray, masks: Optional[np.ndarray]) -> List[str]:

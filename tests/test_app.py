@@ -8,8 +8,11 @@ keeps serving. Outputs land in tests/_out/app/.
 from __future__ import annotations
 
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -139,6 +142,40 @@ def test_help_needs_neither_gradio_nor_torch():
     assert result.stdout.strip() == "[]", result.stderr
     result = subprocess.run([sys.executable, "app.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--host" in result.stdout and "--port" in result.stdout
+
+
+def test_the_console_says_where_to_open_one_line_per_refused_run_and_stops_cleanly():
+    """`python app.py --host 0.0.0.0`, as `make run` starts it: it prints addresses a person can open
+    (not 0.0.0.0); a refused run is one line on the console, no traceback; and SIGTERM (docker stop)
+    after structure from motion ran ends it with status 0, without pycolmap's crash report."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "app.py", "--host", "0.0.0.0", "--port", str(port)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("* Open" in line for line in lines):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        # Four photos, cameras by structure from motion: pycolmap runs and places none of them.
+        photos = sorted((LEGO / "train").glob("*.png"))[:4]
+        message = error_of(submit(client, photos, camera_source="estimate"))
+        assert "structure from motion placed only" in message
+        client.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        returncode = server.wait(timeout=60)
+        reader.join(timeout=10)
+    console = "".join(lines)
+    assert returncode == 0, console
+    assert f"http://localhost:{port}" in console and "0.0.0.0" not in console, console
+    assert "Traceback" not in console and "Aborted" not in console and "SIGTERM" not in console, console
+    assert sum("structure from motion placed only" in line for line in lines) == 1, console
 
 
 def test_host_and_port_come_from_flags_else_gradio_variables(monkeypatch):
@@ -287,8 +324,13 @@ def test_a_good_job_streams_previews_and_returns_a_textured_glb(client, out_dir)
 
     per_view = result[RUN_OUTPUTS.index("per_view")]
     assert len(per_view["data"]) == 24
+    assert [row[0] for row in per_view["data"]][:4] == ["r_0.png", "r_1.png", "r_4.png", "r_5.png"]  # not r_10
     metrics = result[RUN_OUTPUTS.index("metrics")]
     assert metrics["metrics"]["train_mask_iou"] > 0.9 and metrics["timings_s"]["total"] > 0
+    # Each stage's figures; the refinement's timings are here, not in its progress line.
+    assert metrics["stages"]["hull"]["faces"] <= SMALL["refine_mesh_faces"]
+    assert metrics["stages"]["refine"]["geometry_ms_per_step"] > 0
+    assert "ms_per_step" not in log
 
     # Each run writes a new file, so the 3D viewer reloads.
     assert Path(result[RUN_OUTPUTS.index("glb")]).name.startswith("model-")

@@ -274,6 +274,27 @@ def test_glb_validates_reloads_with_texture_and_maps_back_to_world(baked_cube, t
     assert check_side_colors(vertices, mesh.faces, flipped, image)[0] < 0.5 * checked
 
 
+def test_untextured_glb_is_the_same_shape_in_grey(baked_cube, tmp_path, validate_glb):
+    """The viewer's shaded model: no UVs or texture, a grey material, the textured GLB's frame."""
+    vertices, faces = baked_cube["vertices"], baked_cube["faces"]
+    textured, shaded = tmp_path / "model.glb", tmp_path / "model_shaded.glb"
+    world_from_textured = export.write_glb(textured, vertices, faces, baked_cube["uvs"], baked_cube["texture"],
+                                           WORLD_FROM_NORMALISED, up=WORLD_UP)
+    world_from_shaded = export.write_glb(shaded, vertices, faces, None, None, WORLD_FROM_NORMALISED, up=WORLD_UP)
+
+    report = validate_glb(shaded)
+    assert report["issues"]["numErrors"] == 0 and report["issues"]["numWarnings"] == 0, report["issues"]["messages"]
+    gltf = export.read_glb_json(shaded)
+    assert "textures" not in gltf and "images" not in gltf
+    assert set(gltf["meshes"][0]["primitives"][0]["attributes"]) == {"POSITION", "NORMAL"}
+    assert gltf["materials"][0]["pbrMetallicRoughness"]["baseColorFactor"] == [export.SHADED_GREY] * 3 + [1.0]
+    np.testing.assert_array_equal(world_from_shaded, world_from_textured)
+    np.testing.assert_array_equal(trimesh.load(shaded, process=False).to_geometry().vertices,
+                                  trimesh.load(textured, process=False).to_geometry().vertices)
+    with pytest.raises(ValueError, match="both uvs and a texture"):
+        export.write_glb(shaded, vertices, faces, baked_cube["uvs"], None, WORLD_FROM_NORMALISED)
+
+
 def test_glb_scale_and_antiparallel_up(baked_cube, tmp_path):
     path = tmp_path / "model.glb"
     vertices = baked_cube["vertices"]

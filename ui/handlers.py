@@ -2,7 +2,8 @@
 
 The handlers know the outputs by name (`RUN_OUTPUTS`); `ui.layout` wires them to components.
 Every problem the user can fix (a `PipelineError`) becomes a `gr.Error` naming the file and the
-fix; anything else is logged on the server and reported without a traceback.
+fix, in the page's words (`page_words`), and one line on the server console; anything else is
+logged there with its traceback and reported in the page without one.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pipeline.importers import detect_format, load_capture
 from pipeline.limits import InputLimits
 
 from .devices import DevicePool, PipelineWorker, pipeline_runner
-from .report import PER_VIEW_HEADERS, RunReport, gallery_items, per_view_rows, summary
+from .report import PER_VIEW_HEADERS, RunReport, gallery_items, per_view_rows
 from .session import Run, Sessions
-from .settings import build_config, preset_values
+from .settings import build_config, page_words, preset_values
 from .uploads import CAMERA_FILE_HELP, Uploads, check_uploads, sort_uploads
 
 log = logging.getLogger("photo3d.app")
@@ -32,6 +33,9 @@ CAMERA_SOURCE_LABELS = {"auto": "auto", "file": "camera file", "estimate": "esti
 # Outputs of the Run event, in order; `_updates` fills them by name. The 3D viewer is not one of
 # them: it gets the GLB from a follow-up event (see ui.layout).
 RUN_OUTPUTS = ("preview", "stages", "log", "gallery", "glb", "obj_zip", "per_view", "metrics")
+# The result viewer's choices: which file of the result it shows, and how (Model3D's display_mode).
+VIEWS = {"Textured": ("glb_path", "solid"), "Shaded": ("shaded_glb_path", "solid"),
+         "Wireframe": ("shaded_glb_path", "wireframe")}
 # How often a running job updates the page even when the pipeline is silent: the stage timers
 # tick, and Stop (which gradio applies between two updates) takes effect within this time.
 BEAT_S = 1.0
@@ -116,7 +120,7 @@ class Handlers:
             config = build_config(quality, seed, settings, self.initial_values, controls_follow_preset=opened_in_browser,
                                   camera_source=camera_source)
             report.note(f"{len(files or [])} file(s), preset {quality}, camera source {config.cameras.source}")
-            yield _updates(report, preview=None, gallery=[])
+            yield _updates(report, preview=None)
             if previous is not None and previous.active():
                 previous.stop()
                 report.note("waiting for the previous run to stop")
@@ -161,34 +165,53 @@ class Handlers:
                 report.stop("stopped")
                 yield _updates(report)
                 return
+            session.result = result
             yield _updates(report, preview=last_preview, gallery=gallery, glb=result.glb_path, obj_zip=result.zip_path,
                            per_view={"headers": PER_VIEW_HEADERS, "data": per_view_rows(result)},
-                           metrics=summary(result))
+                           metrics=report.summary(result))
+        # gradio prints a traceback for every gr.Error unless told not to: the console gets one
+        # line per input problem, and a traceback only for real faults (log.exception).
         except PipelineError as error:
             message = _tidy(error, uploads, files)
+            log.info("run %d refused: %s", run.number, message)
             yield _failed(report, message)
-            raise gr.Error(message, title="Cannot reconstruct") from None
+            raise gr.Error(message, title="Cannot reconstruct", print_exception=False) from None
         except MemoryError:
+            log.info("run %d: out of memory", run.number)
             yield _failed(report, "out of memory")
-            raise gr.Error(_OUT_OF_MEMORY, title="Out of memory") from None
+            raise gr.Error(_OUT_OF_MEMORY, title="Out of memory", print_exception=False) from None
         except Exception as error:
             if _is_out_of_gpu_memory(error):
+                log.info("run %d: out of GPU memory", run.number)
                 yield _failed(report, "out of GPU memory")
-                raise gr.Error(_OUT_OF_MEMORY, title="Out of GPU memory") from None
-            log.exception("reconstruction failed")
+                raise gr.Error(_OUT_OF_MEMORY, title="Out of GPU memory", print_exception=False) from None
+            log.exception("run %d failed", run.number)
             yield _failed(report, f"{type(error).__name__}: {error}")
             raise gr.Error(f"The reconstruction failed: {type(error).__name__}: {error}. The server log has the "
                            "details; the app keeps running, so you can change the input or settings and run again.",
-                           title="Internal error") from None
+                           title="Internal error", print_exception=False) from None
         finally:
             # Also reached when the page's Stop or an API client's cancel closes this generator:
             # the pipeline polls the flag and frees its device within a step.
             run.cancel.set()
 
     @staticmethod
-    def show_model(glb_path: Optional[str]) -> Optional[str]:
-        """The 3D viewer's value: the GLB just produced (each run writes a new path)."""
-        return glb_path
+    def clear_viewer() -> None:
+        """Empties the 3D viewer, the first half of every change of what it shows (`show_model`)."""
+        return None
+
+    def show_model(self, view: str, request: gr.Request):
+        """The 3D viewer showing the session's latest result as ``view`` (one of `VIEWS`).
+
+        Always after `clear_viewer`: gradio 6.31's viewer applies a display mode only when it loads
+        a model, and going back to "solid" keeps the wireframe of the model it showed before;
+        emptied first, it starts afresh."""
+        session = self.sessions.peek(request.session_hash)
+        result = session.result if session is not None else None
+        if result is None:
+            return gr.skip()
+        attribute, display_mode = VIEWS.get(view, VIEWS["Textured"])
+        return gr.update(value=getattr(result, attribute) or result.glb_path, display_mode=display_mode)
 
     def stop(self, request: gr.Request):
         """(stages, log) after asking the session's run to stop. Gradio cancels the Run event
@@ -233,8 +256,9 @@ def _failed(report: RunReport, message: str) -> tuple:
 
 
 def _warn(report: RunReport, text: str) -> None:
-    if report.notice(text):
-        gr.Warning(text)
+    shown = report.notice(text)
+    if shown is not None:
+        gr.Warning(shown)
 
 
 def _check_cameras(camera_source: str, capture: Capture) -> None:
@@ -245,10 +269,11 @@ def _check_cameras(camera_source: str, capture: Capture) -> None:
 
 
 def _tidy(error: Exception, uploads: Optional[Uploads], files: Optional[List[str]]) -> str:
-    """The error's message with temporary upload paths replaced by the file names the user knows."""
-    if uploads is not None:
-        return uploads.tidy(str(error))
-    return Uploads(source=[], photos=[], shown_as={str(f): _name(f) for f in files or []}).tidy(str(error))
+    """The error's message in the page's words: the file names the user knows instead of temporary
+    upload paths, the controls' labels instead of setting keys."""
+    if uploads is None:
+        uploads = Uploads(source=[], photos=[], shown_as={str(f): _name(f) for f in files or []})
+    return page_words(uploads.tidy(str(error)))
 
 
 def _name(path: str) -> str:

@@ -19,10 +19,10 @@ from pipeline.limits import DEFAULT_LIMITS, InputLimits
 from pipeline.weights import TABLE_HEADERS
 
 from .devices import DevicePool
-from .handlers import CAMERA_SOURCE_LABELS, RUN_OUTPUTS, Handlers
+from .handlers import CAMERA_SOURCE_LABELS, RUN_OUTPUTS, VIEWS, Handlers
 from .report import PER_VIEW_HEADERS, STAGES_CSS, STAGE_TITLES, RunReport
 from .session import Sessions
-from .settings import advanced_fields, api_name, camera_source_field
+from .settings import advanced_fields, api_name, camera_source_field, label
 from .uploads import CAMERA_FILE_HELP
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,15 @@ MAX_QUEUE = 16  # waiting jobs beyond this get gradio's "busy, try again" messag
 # How often gradio pings each page; a closed tab is noticed within this, and only then are its
 # job stopped and its folder removed. Gradio's default, 15 s, kept a closed tab's job running that long.
 HEARTBEAT_S = 1.0
+# Keeps the log box on its newest line. Gradio 6.31's Textbox `autoscroll` follows only the user's
+# typing, not values sent by the server; this runs in the page on each change of the log's value
+# (after the box shows it), unless the reader has scrolled up.
+FOLLOW_LOG_JS = """() => { requestAnimationFrame(() => {
+  const box = document.querySelector('#log textarea');
+  if (box && (box.dataset.followed === undefined || box.scrollTop + box.clientHeight >= box.dataset.followed - 4))
+    box.scrollTop = box.scrollHeight;
+  if (box) box.dataset.followed = box.scrollHeight;
+}); }"""
 
 INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
@@ -124,10 +133,12 @@ def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
                                    interactive=False, height=200, elem_id="preview")
                 stages = gr.HTML(RunReport().stages_html(), css_template=STAGES_CSS, js_on_load=None,
                                  elem_id="stages")
-                run_log = gr.Textbox(label="Log", lines=5, max_lines=5, autoscroll=True, interactive=False,
-                                     elem_id="log")
+                run_log = gr.Textbox(label="Log", lines=5, max_lines=5, interactive=False, elem_id="log")
                 model = gr.Model3D(label="Result", height=380, clear_color=(0.95, 0.95, 0.95, 1.0),
                                    elem_id="model")
+                # Shaded: the shape alone, in grey, lit by the viewer; wireframe: its triangles.
+                view = gr.Radio(list(VIEWS), value="Textured", label="View", show_label=False, container=False,
+                                elem_id="view")
                 with gr.Row():
                     glb = gr.DownloadButton("Download GLB", size="md", elem_id="download-glb")
                     obj_zip = gr.DownloadButton("Download OBJ (zip)", size="md", elem_id="download-obj")
@@ -152,12 +163,21 @@ def build_app(limits: InputLimits = DEFAULT_LIMITS) -> App:
             api_description="Photos (+ masks + camera file, or one .zip) -> textured GLB, streaming previews.",
             concurrency_limit=devices.size,
             concurrency_id="gpu",
-            show_progress="minimal",
+            # The stage table shows the progress; gradio's own status would mark every output
+            # "Error" after an input error (the message is in the toast and the log), or after a
+            # Stop that races with the job's last update.
+            show_progress="hidden",
             validator=handlers.check_request,
         )
         # The viewer gets the GLB in an event of its own: gradio 6.31's Model3D never draws a model
         # that arrives in a later message of a streaming event (its viewer import gets cancelled).
-        run_event.success(handlers.show_model, inputs=glb, outputs=model, api_visibility="private")
+        # Emptied first, as for every change of view (see Handlers.show_model).
+        for trigger in (run_event.success, view.change):
+            trigger(handlers.clear_viewer, outputs=model, queue=False, show_progress="hidden",
+                    api_visibility="private").then(
+                handlers.show_model, inputs=view, outputs=model, queue=False, show_progress="hidden",
+                api_visibility="private")
+        run_log.change(None, js=FOLLOW_LOG_JS, queue=False, show_progress="hidden", api_visibility="private")
         # Also after a cancel: the page runs a Run event's `then` once gradio has cancelled it, and
         # only from then on does the Run button take a click ("stopped" in the log says when).
         run_event.then(handlers.run_ended, outputs=[stages, run_log], queue=False, api_visibility="private")
@@ -181,13 +201,12 @@ def _advanced_controls(specs: List[FieldSpec]) -> Dict[str, gr.components.Compon
 
 
 def _control(spec: FieldSpec) -> gr.components.Component:
-    label = spec.key.split(".")[1].replace("_", " ").capitalize()
     if spec.choices is not None:
-        return gr.Dropdown(list(spec.choices), value=spec.default, label=label, info=spec.help)
+        return gr.Dropdown(list(spec.choices), value=spec.default, label=label(spec.key), info=spec.help)
     if spec.type is bool:
-        return gr.Checkbox(value=spec.default, label=label, info=spec.help)
+        return gr.Checkbox(value=spec.default, label=label(spec.key), info=spec.help)
     low, high = spec.range
-    return gr.Slider(low, high, value=spec.default, step=spec.step, label=label, info=spec.help)
+    return gr.Slider(low, high, value=spec.default, step=spec.step, label=label(spec.key), info=spec.help)
 
 
 def _example_label(files: List[str]) -> str:

@@ -7,6 +7,7 @@ formatting (the preview strip itself comes composed from the pipeline).
 from __future__ import annotations
 
 import html
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from pipeline.capture import Capture
 from pipeline.config import STAGES
 from pipeline.events import Event, Metrics, Progress, Result, StageFinished, StageStarted, Warning
 
+from .settings import page_words
+
 STAGE_TITLES = {"ingest": "Read photos", "cameras": "Cameras", "hull": "Visual hull", "refine": "Refine",
                 "export": "Export"}
 LOG_LINES = 200  # the log box shows the end; older lines only push the page's memory up
@@ -29,7 +32,8 @@ STAGES_CSS = """
 .photo3d-stages .bar { height: 0.7em; border-radius: 0.35em; background: var(--neutral-200, #e5e7eb); overflow: hidden; }
 .photo3d-stages .fill { height: 100%; background: var(--color-accent, #f97316); transition: width 0.3s; }
 .photo3d-stages .done .fill { background: var(--color-green-500, #22c55e); }
-.photo3d-stages .stopped .fill, .photo3d-stages .failed .fill { background: var(--color-red-500, #ef4444); }
+.photo3d-stages .stopped .fill { background: var(--neutral-400, #9ca3af); }
+.photo3d-stages .failed .fill { background: var(--color-red-500, #ef4444); }
 .photo3d-stages .detail { grid-column: 2; color: var(--body-text-color-subdued, #6b7280); font-size: 0.9em; margin-bottom: 4px; }
 .photo3d-stages .running.name { font-weight: bold; }
 """
@@ -45,12 +49,15 @@ class StageState:
 
 
 class RunReport:
-    """The stage table and log of one run, updated from pipeline events."""
+    """The stage table and log of one run, updated from pipeline events (their texts in the page's
+    words, `page_words`). A stage's figures (`Metrics`) go to the metrics panel (`summary`), except
+    the refinement's running loss, shown beside its bar."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.stages: Dict[str, StageState] = {stage: StageState() for stage in STAGES}
         self.lines: List[str] = []
+        self.figures: Dict[str, Dict[str, float]] = {}  # stage -> the values of its Metrics events
         self._notices_seen: set[str] = set()
         self.outcome: Optional[str] = None  # "finished", "stopped" or "error: ..." once known
 
@@ -58,31 +65,33 @@ class RunReport:
         self.lines.append(f"{time.monotonic() - self.started:6.1f}s  {text}")
         del self.lines[:-LOG_LINES]
 
-    def notice(self, text: str) -> bool:
-        """Log a warning for the user; False when the same one was already shown this run."""
+    def notice(self, text: str) -> Optional[str]:
+        """Log a warning for the user; returns it in the page's words, or None when the same one
+        was already shown this run."""
+        text = page_words(text)
         if text in self._notices_seen:
-            return False
+            return None
         self._notices_seen.add(text)
         self.note(f"⚠ {text}")
-        return True
+        return text
 
     def apply(self, event: Event) -> Optional[str]:
         """Take one pipeline event into account; returns the text of a new warning, if any."""
         if isinstance(event, StageStarted):
             stage = self.stages[event.stage]
-            stage.state, stage.started, stage.message = "running", time.monotonic(), event.message
-            self.note(f"{STAGE_TITLES[event.stage]}: {event.message}")
+            stage.state, stage.started, stage.message = "running", time.monotonic(), page_words(event.message)
+            self.note(f"{STAGE_TITLES[event.stage]}: {stage.message}")
         elif isinstance(event, StageFinished):
             stage = self.stages[event.stage]
             stage.state, stage.fraction, stage.seconds = "done", 1.0, event.seconds
-            self.note(f"{STAGE_TITLES[event.stage]} done in {event.seconds:.1f} s")
+            self.note(f"{STAGE_TITLES[event.stage]} done in {event.seconds:.1f} s: {stage.message}")
         elif isinstance(event, Progress):
             stage = self.stages[event.stage]
-            stage.fraction, stage.message = event.fraction, event.message or stage.message
+            stage.fraction, stage.message = event.fraction, page_words(event.message) or stage.message
         elif isinstance(event, Metrics):
             self._metrics(event)
         elif isinstance(event, Warning):
-            return event.message if self.notice(event.message) else None
+            return self.notice(event.message)
         elif isinstance(event, Result):
             summary = ", ".join(f"{k} {v:.3f}" for k, v in sorted(event.metrics.items()))
             self.note(f"Finished in {event.timings.get('total', 0.0):.1f} s: {summary}")
@@ -90,12 +99,21 @@ class RunReport:
         return None
 
     def _metrics(self, event: Metrics) -> None:
-        values = ", ".join(f"{k} {_number(v)}" for k, v in event.values.items() if k != "step")
-        if event.stage == "refine":  # one per preview: too many for the log, shown beside the bar
+        if event.stage == "refine" and "loss" in event.values:  # one per preview: shown beside the bar
             stage = self.stages["refine"]
-            stage.message = f"{stage.message.split(' · ')[0]} · {values}"
+            stage.message = f"{stage.message.split(' · ')[0]} · loss {_number(event.values['loss'])}"
         else:
-            self.note(f"{STAGE_TITLES.get(event.stage, event.stage)}: {values}")
+            self.figures.setdefault(event.stage, {}).update(event.values)
+
+    def summary(self, result: Result) -> dict:
+        """Metrics and timings of a result, and each stage's figures, for the JSON panel (and API callers)."""
+        out = {"metrics": result.metrics, "timings_s": result.timings}
+        if result.heldout is not None:
+            out["heldout"] = result.heldout
+        stages = {stage: {k: v for k, v in values.items() if k not in result.metrics}
+                  for stage, values in self.figures.items()}
+        out["stages"] = {stage: values for stage, values in stages.items() if values}
+        return out
 
     def stop(self, why: str) -> None:
         """Mark the running stage as stopped (Stop, cancel, or an error); idempotent."""
@@ -113,7 +131,9 @@ class RunReport:
         for name, stage in self.stages.items():
             seconds = stage.seconds if stage.seconds is not None else (
                 now - stage.started if stage.started is not None and stage.state == "running" else None)
-            detail = " · ".join(part for part in (stage.message, f"{seconds:.0f} s" if seconds is not None else "") if part)
+            ended = stage.state if stage.state in ("stopped", "failed") else ""
+            detail = " · ".join(part for part in (stage.message, f"{seconds:.0f} s" if seconds is not None else "", ended)
+                                if part)
             rows.append(
                 f'<div class="name {stage.state}">{html.escape(STAGE_TITLES[name])}</div>'
                 f'<div class="bar {stage.state}" title="{stage.state}">'
@@ -127,18 +147,16 @@ class RunReport:
 
 
 def per_view_rows(result: Result) -> List[list]:
+    """[name, PSNR, mask IoU] per view, in natural order of the names (r_2 before r_10)."""
     return [
         [name, round(values.get("psnr", float("nan")), 2), round(values.get("mask_iou", float("nan")), 3)]
-        for name, values in sorted(result.per_view.items())
+        for name, values in sorted(result.per_view.items(), key=lambda item: natural_key(item[0]))
     ]
 
 
-def summary(result: Result) -> dict:
-    """Metrics and timings of a result, for the JSON panel (and API callers)."""
-    out = {"metrics": result.metrics, "timings_s": result.timings}
-    if result.heldout is not None:
-        out["heldout"] = result.heldout
-    return out
+def natural_key(name: str) -> list:
+    """Sort key that orders the digit runs of a name by number: "r_2" < "r_10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
 def gallery_items(capture: Capture, folder: Path) -> List[tuple[str, str]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 if TYPE_CHECKING:
+    from pipeline.events import Result
     from ui.devices import PipelineWorker
 
 
@@ -49,6 +50,7 @@ class Session:
     folder: Path
     runs: int = 0
     current: Optional[Run] = None
+    result: Optional["Result"] = None  # the latest finished run's, shown in the 3D viewer
 
     def new_run(self) -> Run:
         self.runs += 1

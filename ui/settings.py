@@ -7,6 +7,7 @@ and the CLI cannot drift apart. Each field gets an API parameter name, e.g. "ref
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List
 
 from pipeline.config import FieldSpec, ReconstructionConfig, apply_overrides, describe, preset
@@ -15,10 +16,24 @@ from pipeline.config import FieldSpec, ReconstructionConfig, apply_overrides, de
 # done, not its quality), so the Advanced accordion leaves them out.
 SEED_KEY = "refine.seed"
 CAMERA_SOURCE_KEY = "cameras.source"
+_OWN_LABELS = {SEED_KEY: "Seed", CAMERA_SOURCE_KEY: "Camera source"}
+# A setting's key as the pipeline's messages (and the CLI's --set) name it, bare or quoted.
+_SETTING_KEY = re.compile(r"(['`]?)\b(" + "|".join(re.escape(s.key) for s in describe()) + r")\b\1")
 
 
 def api_name(key: str) -> str:
     return key.replace(".", "_", 1)
+
+
+def label(key: str) -> str:
+    """The page's label of a setting: "cameras.exclude_bad_masks" -> "Exclude bad masks"."""
+    return _OWN_LABELS.get(key) or key.split(".")[1].replace("_", " ").capitalize()
+
+
+def page_words(text: str) -> str:
+    """A pipeline message in the page's words: each setting key becomes the label of its control,
+    quoted ("set cameras.exclude_bad_masks off" -> "set 'Exclude bad masks' off")."""
+    return _SETTING_KEY.sub(lambda match: f"'{label(match.group(2))}'", text)
 
 
 def advanced_fields(config: ReconstructionConfig) -> List[FieldSpec]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .gather import take_rows
 from .rasterize import decode_triangle_ids
 
 # An edge may cross up to 1/16 pixel outside the segment between the pixel centres: coverage was
@@ -77,8 +78,8 @@ def antialias(
     # along the pair, relative to the front pixel's centre. Its value is the one computed above; the
     # added term is zero-valued and carries nvdiffrast's (regularised) derivative of -x.
     idx = torch.nonzero(needs_grad).squeeze(1)
-    rel_a = screen[vert_a[idx]] - centre[idx]  # [G, 2]
-    rel_b = screen[vert_b[idx]] - centre[idx]
+    rel_a = take_rows(screen, vert_a[idx]) - centre[idx]  # [G, 2]
+    rel_b = take_rows(screen, vert_b[idx]) - centre[idx]
     flip = down[idx, None]
     x1, y1 = torch.where(flip, rel_a.flip(1), rel_a).unbind(1)  # x along the pair, y across it
     x2, y2 = torch.where(flip, rel_b.flip(1), rel_b).unbind(1)
@@ -87,7 +88,7 @@ def antialias(
     alpha = alpha.index_add(0, idx, crossing.detach() - crossing)
 
     flat = color.reshape(-1, channels)
-    delta = alpha[:, None] * (flat[pixel1] - flat[pixel0])
+    delta = alpha[:, None] * (take_rows(flat, pixel1) - take_rows(flat, pixel0))
     return flat.index_add(0, target, delta).reshape(batch, height, width, channels)
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .gather import take_rows
 from .rasterize import decode_triangle_ids
 
 
@@ -25,12 +26,12 @@ def interpolate(
     covered = torch.nonzero(tri_id > 0).squeeze(1)  # [N]
     vidx = tri.long()[tri_id[covered] - 1]  # [N, 3]
     if attr.dim() == 2:
-        corners = attr[vidx]  # [N, 3, C]
+        corners = take_rows(attr, vidx)  # [N, 3, C]
     elif attr.shape[0] == 1:
-        corners = attr[0][vidx]
+        corners = take_rows(attr[0], vidx)
     else:
         image = covered // (height * width)
-        corners = attr[image[:, None], vidx]
+        corners = take_rows(attr.reshape(-1, channels), image[:, None] * attr.shape[1] + vidx)
     u = flat[covered, 0:1]  # [N, 1]
     v = flat[covered, 1:2]
     a0, a1, a2 = corners.unbind(1)  # each [N, C]

@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .gather import take_rows
+
 SUBPIXEL_BITS = 4  # nvdiffrast: CR_SUBPIXEL_LOG2
 # Snapped coordinates are kept within +-2^29 subpixels so that every edge function
 # (a difference of two products of 30-bit differences) fits in int64 exactly.
@@ -79,7 +81,8 @@ def rasterize(
     col = covered % width
 
     vidx = tri_l[tri_id]  # [N, 3]
-    clip = pos[vidx] if ranges is not None else pos[image[:, None], vidx]  # [N, 3, 4]
+    flat_vidx = vidx if ranges is not None else image[:, None] * pos.shape[1] + vidx
+    clip = take_rows(pos.reshape(-1, 4), flat_vidx)  # [N, 3, 4]
     values, db = _barycentrics(clip, row, col, height, width, grad_db)
     values = torch.cat([values, encode_triangle_ids(tri_id + 1)[:, None]], dim=1)
 
