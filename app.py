@@ -28,18 +28,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def addresses(host: str, port: int) -> List[str]:
-    """The addresses to print for a server listening on ``host``: ones a person can open.
+    """Where to open a server listening on ``host``, as lines to print: addresses a person can open.
 
-    0.0.0.0 (every interface) is not one: it becomes localhost, plus this machine's name for
-    the other machines of the network. Other hosts are printed as they are.
+    0.0.0.0 (every interface) is not one: it becomes localhost, plus this machine's name for the
+    other machines of the network. Other hosts are printed as they are.
     """
     if host in ("0.0.0.0", "::", ""):
-        urls = [f"http://localhost:{port}"]
+        lines = [f"* Open http://localhost:{port} in a browser on this machine"]
         name = socket.gethostname()
         if name and name != "localhost":
-            urls.append(f"http://{name}:{port}")
-        return urls
-    return [f"http://{host}:{port}"]
+            lines.append(f"  or http://{name}:{port} from another machine of the network")
+        return lines
+    return [f"* Open http://{host}:{port} in a browser"]
 
 
 def _log_to_console() -> None:
@@ -73,8 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # quiet: gradio would print the address it listens on (http://0.0.0.0:...), not one to open.
         app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, quiet=True,
                    prevent_thread_lock=True)
-        for url in addresses(args.host, args.port):
-            print(f"* Open {url} in a browser", flush=True)
+        print("\n".join(addresses(args.host, args.port)), flush=True)
         app.blocks.block_thread()
     finally:
         app.close()
