@@ -328,7 +328,7 @@ def test_a_good_job_streams_previews_and_returns_a_textured_glb(client, out_dir)
     metrics = result[RUN_OUTPUTS.index("metrics")]
     assert metrics["metrics"]["train_mask_iou"] > 0.9 and metrics["timings_s"]["total"] > 0
     # Each stage's figures; the refinement's timings are here, not in its progress line.
-    assert metrics["stages"]["hull"]["faces"] <= SMALL["refine_mesh_faces"]
+    assert metrics["stages"]["hull"]["faces"] > SMALL["refine_mesh_faces"]  # carved; the refinement simplifies
     assert metrics["stages"]["refine"]["geometry_ms_per_step"] > 0
     assert "ms_per_step" not in log
 
