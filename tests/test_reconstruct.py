@@ -229,7 +229,7 @@ def test_out_of_gpu_memory_retries_once_at_half_resolution(tmp_path, monkeypatch
     def refine_with_little_memory(*args, **kwargs):
         """The real refine, failing in its second pass (the UV atlas already taken: on the H200
         the retry then asked for it again and crashed, which a failure earlier did not show)."""
-        settings = args[7]
+        settings = args[6]  # refine(vertices, faces, cameras, images, masks, up, config, ...)
         resolutions.append(settings.render_resolution)
         events_so_far = real_refine(*args, **kwargs)
         while True:
