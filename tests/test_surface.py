@@ -32,11 +32,11 @@ def test_cg_solve_matches_dense_solve_warm_or_cold():
     system = SmoothingSystem(faces, len(vertices), 19.0, vertices.device)
     rhs = torch.randn(len(vertices), 3, generator=torch.Generator().manual_seed(0))
     reference = torch.linalg.solve(system.dense().double(), rhs.double()).float()
-    cold = system.solve(rhs, tol=1e-6, max_iterations=500)
+    cold = system.solve(rhs, tol=1e-6, max_iterations=500, check_every=1)
     cold_iterations = system.iterations
     torch.testing.assert_close(cold, reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
     nearby = rhs + 1e-3 * torch.randn(rhs.shape, generator=torch.Generator().manual_seed(1))
-    warm = system.solve(nearby, x0=cold, tol=1e-6, max_iterations=500)
+    warm = system.solve(nearby, x0=cold, tol=1e-6, max_iterations=500, check_every=1)
     torch.testing.assert_close(warm, torch.linalg.solve(system.dense().double(), nearby.double()).float(),
                                rtol=0, atol=1e-4 * float(reference.abs().max()))
     assert system.iterations < cold_iterations  # the warm start pays

@@ -87,10 +87,10 @@ class SmoothingSystem:
         return self.matrix.to_dense()
 
     def solve(self, b: Tensor, x0: Optional[Tensor] = None,  # b [V, C], x0 [V, C] warm start
-              tol: float = 1e-5, max_iterations: int = 200) -> Tensor:
+              tol: float = 1e-5, max_iterations: int = 200, check_every: int = 8) -> Tensor:
         """x with M x = b, each column to a relative residual |b - M x| / |b| <= tol (or max_iterations).
-        Convergence is checked every 8 iterations (each check synchronises a GPU, which then idles
-        while the host catches up; warm-started solves of an optimisation need few iterations); ``self.iterations`` is
+        Convergence is checked every ``check_every`` iterations (each check synchronises a GPU, which
+        then idles while the host catches up; warm-started solves of an optimisation need few); ``self.iterations`` is
         the count the last solve took. Not differentiable itself (see `SmoothParametrisation`)."""
         assert b.dim() == 2 and b.shape[0] == self.num_vertices, b.shape
         b_norm = b.norm(dim=0)  # [C]
@@ -101,7 +101,7 @@ class SmoothingSystem:
         rz = (r * z).sum(0)  # [C]
         self.iterations = 0
         while self.iterations < max_iterations:
-            if self.iterations % 8 == 0 and bool((r.norm(dim=0) <= tol * b_norm).all()):
+            if self.iterations % check_every == 0 and bool((r.norm(dim=0) <= tol * b_norm).all()):
                 break
             self.iterations += 1
             mp = self.apply(p)
