@@ -120,8 +120,10 @@ def refine(
     surface = _Surface(vertices, faces, config, device)
     if 0 in remesh_at:
         surface.remesh(remesh_at.pop(0))
-    colors, _ = PhotoProjector(rasterizer, surface.vertices(), surface.faces, **full_views)(
-        surface.vertices(), vertex_normals(surface.vertices(), surface.faces))
+    with torch.no_grad():  # one solve of the parametrisation, not one per use
+        start = surface.vertices()
+    projector = PhotoProjector(rasterizer, start, surface.faces, **full_views)
+    colors, _ = projector(start, vertex_normals(start, surface.faces))
     colors.requires_grad_(True)
     atlas = None if remesh_at else UnwrapJob(*surface.numpy(), config.texture_size, work_dir)
     try:
