@@ -46,6 +46,7 @@ REGION_REACH = 0.04  # the object may extend this far (share of the long side) f
 PRIOR_RAMP = 0.025  # outside that, the cost of "object" grows by 2 nats per this share of the long side
 BINS = 32  # colour histogram bins per RGB channel
 SHARED = 0.5  # weight of the colour models shared by all photos against each photo's own
+SEED_COST = 5.0  # nats against the other label at a pixel where the photo observes an object/background point
 HULL_TRUST = 3.0  # nats in favour of "object" inside the hull's silhouette (after the first round)
 HULL_TOLERANCE = 0.06  # share of the views that may disagree with a voxel of the hull (bad masks)
 _CAPACITY_SCALE = 1000.0  # graph-cut costs are integers: this many units per nat
@@ -296,15 +297,14 @@ def _disk_pixels(xy: np.ndarray, shape: tuple[int, int], radius: int = 1) -> np.
 
 def geometric_masks(images: np.ndarray,  # [N, H, W, 3] in [0, 1], the canvas
                     cameras: Cameras,  # on the canvas
-                    points: Points,
+                    points: Optional[Points],
                     work_side: int = WORK_SIDE, rounds: int = ROUNDS, cut_iterations: int = 2,
                     smoothness: float = 2.0, seed: int = 0) -> GeometricMasks:
     """Masks by graph cuts seeded from the geometry, refined with the visual hull (module docstring).
 
-    Raises PipelineError when too few points lie on the object to seed it.
+    With too few points on the object (small photos, little texture) the first round's region is
+    the volume that almost every camera frames, projected into each photo, and there are no seeds.
     """
-    from .hull import carve_field, hull_mesh, render_silhouettes  # noqa: PLC0415
-
     n, height, width, _ = images.shape
     factor = min(1.0, work_side / max(height, width))
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
@@ -313,73 +313,129 @@ def geometric_masks(images: np.ndarray,  # [N, H, W, 3] in [0, 1], the canvas
         size[::-1], Image.BILINEAR), dtype=np.float32) / 255 for im in images])
     lab = color.rgb2lab(small)  # [N, h, w, 3], for the smoothing's contrast
     bins = colour_bins(small)  # [N, h, w], for the colour models
-    obj, bg, facts = classify_points(cameras, points.xyz, seed)
-    if obj.sum() < MIN_OBJECT_POINTS:
-        raise PipelineError(f"only {int(obj.sum())} of {len(points.xyz)} sparse points lie where all cameras look, "
-                            "too few to find the object")
-    xy_all, depth_all = work.project(points.xyz)  # [N, P, 2], [N, P]
+    xyz = points.xyz if points is not None else np.zeros((0, 3))
+    obj, bg, facts = classify_points(cameras, xyz, seed) if len(xyz) else (np.zeros(0, bool),) * 2 + ({"plane": None},)
     ramp = PRIOR_RAMP * max(size)
+    far = max(1, int(4 * ramp))
     border = np.zeros(size, dtype=bool)
     border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
-    seeds_fg, seeds_bg, region = [], [], []
-    for v in range(n):
-        seen = points.seen_by[v]
-        seeds_fg.append(_disk_pixels(xy_all[v, seen[obj[seen]]], size))
-        seeds_bg.append(_disk_pixels(xy_all[v, seen[bg[seen]]], size))
-        # Where the object may be: disks around all its points as this camera sees them (the points
-        # of the parts it does not see from here lie over the parts it does).
-        splat = _disk_pixels(xy_all[v, obj & (depth_all[v] > 0)], size, radius=0)
-        reach = max(1, int(REGION_REACH * max(size)))
-        region.append(ndimage.binary_closing(ndimage.binary_dilation(splat, iterations=reach), iterations=reach))
-    region = np.stack(region)
-    seeds_fg, seeds_bg = np.stack(seeds_fg), np.stack(seeds_bg)
-    far = max(1, int(4 * ramp))
-    hard_bg = (border[None] & ~region) | ~np.stack([ndimage.binary_dilation(r, iterations=far) for r in region])
-    # The first colour models: the object's from around its points, the background's from outside
-    # where the object may be (the region between holds both).
-    labels = np.stack([ndimage.binary_dilation(m, iterations=2) for m in seeds_fg]) & region
-    hull_iou = np.ones(n)
+    seeded = obj.sum() >= MIN_OBJECT_POINTS
+    if seeded:
+        region, seeds_fg, seeds_bg = _regions_from_points(work, size, xyz, points.seen_by, obj, bg)
+        box = _cube(xyz[obj])
+        # The first colour models: the object's from around its points, the background's from
+        # outside where the object may be (the region between holds both).
+        labels = np.stack([ndimage.binary_dilation(m, iterations=2) for m in seeds_fg]) & region
+    else:
+        box, region = _shared_volume(work, size, common_focus(cameras))
+        seeds_fg = seeds_bg = np.zeros((n, *size), dtype=bool)
+        labels = region.copy()
+    hard_bg = (border[None] & ~region) | ~_dilate(region, far)
     inside_hull = np.zeros((n, *size), dtype=bool)
+    silhouettes = None
     for round_ in range(rounds):
         prior = np.stack([_prior_outside(region[v], ramp) for v in range(n)])
-        trust = HULL_TRUST * inside_hull  # [N, h, w] nats against "background" inside the hull's silhouette
         for it in range(cut_iterations):
-            # Colour models shared by all photos, refitted from every photo's labels, mixed with each
-            # photo's own (lighting changes between photos; a backdrop may fill one photo and not another).
-            shared_fg = np.exp(colour_log_density(bins[labels & ~hard_bg]))
-            shared_bg = np.exp(colour_log_density(bins[~labels & (~region | (round_ + it > 0))]))
-            cost_fg, cost_bg = np.empty((n, *size)), np.empty((n, *size))
-            for v in range(n):
-                own_fg = np.exp(colour_log_density(bins[v][labels[v] & ~hard_bg[v]]))
-                own_bg = np.exp(colour_log_density(bins[v][~labels[v] & (~region[v] | (round_ + it > 0))]))
-                cost_fg[v] = -np.log(SHARED * shared_fg + (1 - SHARED) * own_fg)[bins[v]]
-                cost_bg[v] = -np.log(SHARED * shared_bg + (1 - SHARED) * own_bg)[bins[v]]
-            cost_fg += prior
-            cost_bg = cost_bg + 5.0 * seeds_fg + trust
-            cost_fg = cost_fg + 5.0 * seeds_bg
+            first = seeded and round_ == 0 and it == 0
+            cost_fg, cost_bg = _colour_costs(bins, labels, hard_bg, None, region if first else None)
+            cost_fg += prior + SEED_COST * seeds_bg
+            cost_bg += SEED_COST * seeds_fg + HULL_TRUST * inside_hull
             cost_fg = np.where(hard_bg, np.inf, cost_fg)
-            labels = np.stack([_cut_within(cost_fg[v], cost_bg[v], lab[v], smoothness, ~hard_bg[v]) for v in range(n)])
-            labels = np.stack([_largest_parts(m) for m in labels])
-        if round_ == rounds - 1 and rounds > 1:
+            labels = np.stack([_largest_parts(_cut_within(cost_fg[v], cost_bg[v], lab[v], smoothness, ~hard_bg[v]))
+                               for v in range(n)])
+        if round_ == rounds - 1:
             break
-        # Carve the masks into a hull around the object points; its silhouettes bound the next round.
-        lo, hi = np.percentile(points.xyz[obj], 1, axis=0), np.percentile(points.xyz[obj], 99, axis=0)
-        centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 * 1.6 + 1e-9  # a cube around the object points
-        field = carve_field(work, labels.astype(np.float32), centre - half, centre + half, 64,
-                            bad_view_tolerance=max(1, int(HULL_TOLERANCE * n)))
-        if not (field > 0.5).any():
+        silhouettes = _hull_silhouettes(work, size, labels, box)
+        if silhouettes is None:
             break
-        vertices, faces = hull_mesh(field)  # in the cube's [-1, 1]^3
-        silhouettes = render_silhouettes(centre + half * vertices.astype(np.float64), faces, work, size)
-        hull_iou = _iou(labels, silhouettes)
         inside_hull = silhouettes
-        region = np.stack([ndimage.binary_dilation(s, iterations=max(1, int(0.02 * max(size)))) for s in silhouettes])
-        hard_bg = (border[None] & ~region) | ~np.stack([ndimage.binary_dilation(r, iterations=far) for r in region])
+        region = _dilate(silhouettes, max(1, int(0.02 * max(size))))
+        hard_bg = (border[None] & ~region) | ~_dilate(region, far)
+    hull_iou = _iou(labels, silhouettes) if silhouettes is not None else np.zeros(n)
     masks = np.stack([np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR))
-                      for m in labels]).astype(np.float32) / 255
-    masks = (masks > 0.5).astype(np.float32)
-    return GeometricMasks(masks, hull_iou, hull_iou < FLAG_BELOW_IOU, int(obj.sum()), int(bg.sum()),
-                          facts["plane"] is not None)
+                      for m in labels]) > 127
+    return GeometricMasks(masks.astype(np.float32), hull_iou, hull_iou < FLAG_BELOW_IOU, int(obj.sum()),
+                          int(bg.sum()), facts["plane"] is not None)
+
+
+def _dilate(masks: np.ndarray, steps: int) -> np.ndarray:  # [N, h, w] bool
+    return np.stack([ndimage.binary_dilation(m, iterations=steps) for m in masks])
+
+
+def _cube(xyz: np.ndarray, grow: float = 1.6) -> tuple[np.ndarray, float]:  # (centre [3], half side)
+    """A cube around the bulk of ``xyz`` (1st to 99th percentile), grown by ``grow``."""
+    lo, hi = np.percentile(xyz, 1, axis=0), np.percentile(xyz, 99, axis=0)
+    return (lo + hi) / 2, float((hi - lo).max()) / 2 * grow + 1e-9
+
+
+def _regions_from_points(work: Cameras, size, xyz, seen_by, obj, bg):
+    """(region, object seeds, background seeds) [N, h, w] bool each: where the object may be (disks
+    around all its points as each camera sees them; the points of the parts a camera does not see
+    lie over the parts it does) and the points each photo observes."""
+    xy_all, depth_all = work.project(xyz)  # [N, P, 2], [N, P]
+    reach = max(1, int(REGION_REACH * max(size)))
+    region, seeds_fg, seeds_bg = [], [], []
+    for v in range(len(work)):
+        seen = seen_by[v]
+        seeds_fg.append(_disk_pixels(xy_all[v, seen[obj[seen]]], size))
+        seeds_bg.append(_disk_pixels(xy_all[v, seen[bg[seen]]], size))
+        splat = _disk_pixels(xy_all[v, obj & (depth_all[v] > 0)], size, radius=0)
+        region.append(ndimage.binary_closing(ndimage.binary_dilation(splat, iterations=reach), iterations=reach))
+    return np.stack(region), np.stack(seeds_fg), np.stack(seeds_bg)
+
+
+def _shared_volume(work: Cameras, size, focus: np.ndarray):
+    """(cube, silhouettes [N, h, w]) of the volume that at least 90% of the cameras frame, near the focus."""
+    from .hull import carve_field  # noqa: PLC0415
+
+    half = float(np.median(np.linalg.norm(work.centers - focus, axis=1)))
+    field = carve_field(work, np.ones((len(work), *size), np.float32), focus - half, focus + half, 48,
+                        min_seen_fraction=0.9)
+    inside = np.argwhere(field > 0.5)
+    if len(inside) == 0:
+        raise PipelineError("no volume is framed by (almost) every photo: the photos do not all look at one object")
+    voxel = 2 * half / 48
+    centres = focus - half + (inside + 0.5) * voxel
+    box = _cube(centres, grow=1.0)
+    return box, _hull_silhouettes(work, size, None, box, field=field, field_box=(focus, half))
+
+
+def _hull_silhouettes(work: Cameras, size, labels, box, field=None, field_box=None):
+    """[N, h, w] bool silhouettes of the visual hull of ``labels`` carved in the cube ``box`` (or of a
+    given ``field`` over ``field_box``), or None when nothing survives."""
+    from .hull import carve_field, hull_mesh, render_silhouettes  # noqa: PLC0415
+
+    centre, half = field_box if field is not None else box
+    if field is None:
+        field = carve_field(work, labels.astype(np.float32), centre - half, centre + half, 64,
+                            bad_view_tolerance=max(1, int(HULL_TOLERANCE * len(work))))
+    if not (field > 0.5).any():
+        return None
+    vertices, faces = hull_mesh(field)  # in the cube's [-1, 1]^3
+    return render_silhouettes(centre + half * vertices.astype(np.float64), faces, work, size)
+
+
+def _colour_costs(bins: np.ndarray,  # [N, h, w]
+                  labels: np.ndarray,  # [N, h, w] bool, current object labels
+                  hard_bg: np.ndarray,  # [N, h, w] bool
+                  background: Optional[np.ndarray] = None,  # [N, h, w] where to learn the background; default ~labels
+                  exclude: Optional[np.ndarray] = None,  # [N, h, w] left out of the background samples
+                  ) -> tuple[np.ndarray, np.ndarray]:  # costs (nats) of "object" and of "background"
+    """Colour models shared by all photos, refitted from every photo's labels, mixed with each photo's
+    own (lighting changes between photos; a backdrop may fill one photo and not another)."""
+    background = ~labels if background is None else background
+    if exclude is not None:
+        background = background & ~exclude
+    objects = labels & ~hard_bg
+    shared_fg = np.exp(colour_log_density(bins[objects]))
+    shared_bg = np.exp(colour_log_density(bins[background]))
+    cost_fg, cost_bg = np.empty(bins.shape), np.empty(bins.shape)
+    for v in range(len(bins)):
+        own_fg = np.exp(colour_log_density(bins[v][objects[v]]))
+        own_bg = np.exp(colour_log_density(bins[v][background[v]]))
+        cost_fg[v] = -np.log(SHARED * shared_fg + (1 - SHARED) * own_fg)[bins[v]]
+        cost_bg[v] = -np.log(SHARED * shared_bg + (1 - SHARED) * own_bg)[bins[v]]
+    return cost_fg, cost_bg
 
 
 def _cut_within(cost_fg: np.ndarray, cost_bg: np.ndarray, lab: np.ndarray, smoothness: float,

@@ -216,6 +216,11 @@ def score_masks(masks: np.ndarray,  # [N, H, W] cleaned
 # ------------------------------------------------------------------------------- learned segmenter
 
 
+def segmenter_available(weights_dir: Optional[Path] = None) -> bool:
+    """Whether the learned segmenter's model file and packages are installed (nothing is fetched)."""
+    return _segmenter_file(weights_dir) is not None
+
+
 def _segmenter_file(weights_dir: Optional[Path]) -> Optional[Path]:
     """The segmenter's model file when it and the rembg package are usable, else None (never fetched)."""
     try:

@@ -272,8 +272,9 @@ def build_capture(
     """Validate the frames, read their pixels onto one canvas (`plan_views`), and assemble the `Capture`.
 
     Cameras from a file follow each photo exactly: resized to the canvas size before turning, then
-    turned. Photos without cameras keep where they came from in ``Capture.originals``, so that
-    structure from motion can read them at its own resolution and map its cameras onto the canvas.
+    turned. Each view keeps where it came from in ``Capture.originals`` (unless a camera was
+    undistorted), so that structure from motion and the geometric masker can read the photos at
+    their own resolution and map what they find onto the canvas.
     """
     origin = camera_file.name if camera_file is not None else source_label
     if len(frames) < MIN_VIEWS:
@@ -327,5 +328,7 @@ def build_capture(
         names=[f.name for f in frames],
         source=str(camera_file) if camera_file is not None else source_label,
         warnings=warnings,
-        originals=None if calibrated else [Original(p.frame.image, p.exif, p.turns) for p in plans],
+        # Undistorted views are no longer their photos resized: those have no originals to go back to.
+        originals=None if any(f.distortion is not None for f in frames)
+        else [Original(p.frame.image, p.exif, p.turns) for p in plans],
     )
