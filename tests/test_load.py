@@ -113,11 +113,6 @@ def bad_uploads(folder: Path) -> dict[str, tuple[list[Path], str]]:
     truncated.write_bytes(photos[1].read_bytes()[:200])
     cases["path outside + truncated PNG"] = ([*photos[:1], truncated, *photos[2:], escape_file], photos[1].name)
 
-    wide = folder / "wide" / photos[2].name
-    wide.parent.mkdir(exist_ok=True)
-    Image.open(photos[2]).resize((200, 128)).save(wide)
-    cases["other aspect ratio"] = ([*photos[:2], wide, *photos[3:], LEGO / "transforms_train.json"], "aspect ratio")
-
     html = folder / "html"
     html.mkdir(exist_ok=True)
     pages = []

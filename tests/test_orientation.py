@@ -164,3 +164,33 @@ def test_a_third_turned_reconstructs_as_well_as_none_turned(captures, tmp_path):
     for key in ("heldout_mask_iou", "heldout_psnr"):
         assert abs(turned[key] - plain[key]) <= 0.02 * plain[key], (key, plain[key], turned[key])
     assert plain["heldout_mask_iou"] > 0.8
+
+
+def test_upload_summary_names_every_photo_turned_resized_or_left_out_at_once(tmp_path):
+    """Phone photos as dropped: portrait ones stored sideways with an EXIF tag, a few true landscape
+    ones, one of another size, one that is not a photo. The summary names all of them before Run."""
+    from ui.uploads import sort_uploads  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(7):
+        exif = Image.Exif()
+        exif[ORIENTATION_TAG] = 6  # stored 80x60, shown 60x80
+        files.append(tmp_path / f"IMG_{i}.JPG")
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(files[-1], exif=exif)
+    for i, size in ((7, (60, 80)), (8, (60, 80)), (9, (90, 120))):  # landscape as stored, no tag
+        files.append(tmp_path / f"IMG_{i}.JPG")
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(files[-1])
+    files.append(tmp_path / "IMG_10.JPG")
+    Image.fromarray(rng.integers(0, 255, (100, 60, 3), dtype=np.uint8)).save(files[-1])  # portrait, other size
+    (tmp_path / "notes.JPG").write_text("not a photo")
+    files.append(tmp_path / "notes.JPG")
+    uploads = sort_uploads(files, tmp_path / "job")
+    text = "\n".join(uploads.notices)
+    assert "notes.JPG" in text and "left out" in text
+    assert "7 photo(s) turned upright" in text and all(f"IMG_{i}.JPG" in text for i in range(7))
+    assert "3 landscape photo(s) among 8 portrait ones are turned 90 degrees" in text
+    assert all(f"IMG_{i}.JPG (" in text for i in (7, 8, 9))
+    assert "IMG_10.JPG (60x100)" in text and "stretched to 60x80" in text
+    assert "resized to the most common, 60x80 (cameras follow): IMG_9.JPG (90x120)" in text  # turned, then resized
+    assert "/tmp" not in text.replace(str(tmp_path), "<tmp>")  # names the user knows, not upload paths
