@@ -41,7 +41,8 @@ from .errors import PipelineError
 FLAG_BELOW_IOU = 0.7  # a mask whose IoU with the hull's silhouette is below this is flagged
 WORK_SIDE = 192  # long side of the working images (pixels)
 ROUNDS = 3  # graph cuts, then hull, then graph cuts bounded by the hull, ...
-MIN_OBJECT_POINTS = 12
+MIN_OBJECT_POINTS = 50  # fewer points on the object than this, or than MIN_POINTS_PER_VIEW in most
+MIN_POINTS_PER_VIEW = 10  # photos, and the first round starts from the shared volume instead of seeds
 REGION_REACH = 0.04  # the object may extend this far (share of the long side) from its projected points
 PRIOR_RAMP = 0.025  # outside that, the cost of "object" grows by 2 nats per this share of the long side
 BINS = 32  # colour histogram bins per RGB channel
@@ -319,7 +320,8 @@ def geometric_masks(images: np.ndarray,  # [N, H, W, 3] in [0, 1], the canvas
     far = max(1, int(4 * ramp))
     border = np.zeros(size, dtype=bool)
     border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
-    seeded = obj.sum() >= MIN_OBJECT_POINTS
+    seen_on_object = [int(obj[s].sum()) for s in points.seen_by] if points is not None else [0]
+    seeded = obj.sum() >= MIN_OBJECT_POINTS and np.median(seen_on_object) >= MIN_POINTS_PER_VIEW
     if seeded:
         region, seeds_fg, seeds_bg = _regions_from_points(work, size, xyz, points.seen_by, obj, bg)
         box = _cube(xyz[obj])
@@ -337,7 +339,8 @@ def geometric_masks(images: np.ndarray,  # [N, H, W, 3] in [0, 1], the canvas
         prior = np.stack([_prior_outside(region[v], ramp) for v in range(n)])
         for it in range(cut_iterations):
             first = seeded and round_ == 0 and it == 0
-            cost_fg, cost_bg = _colour_costs(bins, labels, hard_bg, None, region if first else None)
+            cost_fg, cost_bg = _colour_costs(bins, labels, hard_bg, None, region if first else None,
+                                             common=not seeded and round_ == 0 and it == 0)
             cost_fg += prior + SEED_COST * seeds_bg
             cost_bg += SEED_COST * seeds_fg + HULL_TRUST * inside_hull
             cost_fg = np.where(hard_bg, np.inf, cost_fg)
@@ -408,7 +411,7 @@ def _hull_silhouettes(work: Cameras, size, labels, box, field=None, field_box=No
     centre, half = field_box if field is not None else box
     if field is None:
         field = carve_field(work, labels.astype(np.float32), centre - half, centre + half, 64,
-                            bad_view_tolerance=max(1, int(HULL_TOLERANCE * len(work))))
+                            bad_view_tolerance=int(HULL_TOLERANCE * len(work)))
     if not (field > 0.5).any():
         return None
     vertices, faces = hull_mesh(field)  # in the cube's [-1, 1]^3
@@ -420,20 +423,32 @@ def _colour_costs(bins: np.ndarray,  # [N, h, w]
                   hard_bg: np.ndarray,  # [N, h, w] bool
                   background: Optional[np.ndarray] = None,  # [N, h, w] where to learn the background; default ~labels
                   exclude: Optional[np.ndarray] = None,  # [N, h, w] left out of the background samples
+                  common: bool = False,
                   ) -> tuple[np.ndarray, np.ndarray]:  # costs (nats) of "object" and of "background"
     """Colour models shared by all photos, refitted from every photo's labels, mixed with each photo's
-    own (lighting changes between photos; a backdrop may fill one photo and not another)."""
+    own (lighting changes between photos; a backdrop may fill one photo and not another).
+
+    ``common``: the shared object model keeps the colours that every photo's object labels hold (the
+    geometric mean of their densities), for labels that are mostly background: the object is what
+    all photos show, the backgrounds behind it differ.
+    """
     background = ~labels if background is None else background
     if exclude is not None:
         background = background & ~exclude
     objects = labels & ~hard_bg
-    shared_fg = np.exp(colour_log_density(bins[objects]))
+    own_fgs = np.stack([np.exp(colour_log_density(bins[v][objects[v]])) for v in range(len(bins))])
+    if common:
+        shared_fg = np.exp(np.log(own_fgs).mean(0))
+        shared_fg /= shared_fg.sum()
+    else:
+        shared_fg = np.exp(colour_log_density(bins[objects]))
     shared_bg = np.exp(colour_log_density(bins[background]))
     cost_fg, cost_bg = np.empty(bins.shape), np.empty(bins.shape)
     for v in range(len(bins)):
-        own_fg = np.exp(colour_log_density(bins[v][objects[v]]))
+        own_fg = own_fgs[v]
         own_bg = np.exp(colour_log_density(bins[v][background[v]]))
-        cost_fg[v] = -np.log(SHARED * shared_fg + (1 - SHARED) * own_fg)[bins[v]]
+        share = 1.0 if common else SHARED  # a photo's own object labels are mostly its background then
+        cost_fg[v] = -np.log(share * shared_fg + (1 - share) * own_fg)[bins[v]]
         cost_bg[v] = -np.log(SHARED * shared_bg + (1 - SHARED) * own_bg)[bins[v]]
     return cost_fg, cost_bg
 

@@ -1,0 +1,94 @@
+"""Masks without weights on cluttered backgrounds, from the geometry of the capture (pipeline/cosegment.py)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clutter import on_photographs
+from pipeline import cosegment, events
+from pipeline.cameras import Cameras, look_at
+from pipeline.config import CamerasConfig
+from pipeline.importers import load_capture
+from pipeline.reconstruct import estimate_missing
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ASSETS = Path(__file__).parents[1] / "assets"
+
+
+def _brute_force(cost_fg, cost_bg, image, smoothness):
+    h, w = cost_fg.shape
+    diffs = [((image[:, 1:] - image[:, :-1]) ** 2).sum(-1), ((image[1:] - image[:-1]) ** 2).sum(-1)]
+    beta = 1.0 / (2.0 * np.mean(np.concatenate([d.ravel() for d in diffs])))
+    best, best_energy = None, np.inf
+    for bits in itertools.product([False, True], repeat=h * w):
+        label = np.array(bits).reshape(h, w)
+        energy = np.where(label, cost_fg, cost_bg).sum()
+        energy += smoothness * (np.exp(-beta * diffs[0]) * (label[:, 1:] != label[:, :-1])).sum()
+        energy += smoothness * (np.exp(-beta * diffs[1]) * (label[1:] != label[:-1])).sum()
+        if energy < best_energy - 1e-9:
+            best, best_energy = label, energy
+    return best, best_energy
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_graph_cut_finds_the_exact_minimum(seed):
+    rng = np.random.default_rng(seed)
+    cost_fg, cost_bg = rng.uniform(0, 3, (2, 3, 4))
+    image = rng.uniform(0, 1, (3, 4, 3))
+    cost_fg[0, 0] = np.inf  # a hard background seed
+    label = cosegment.graph_cut(cost_fg, cost_bg, image, smoothness=1.5)
+    expect, _ = _brute_force(cost_fg, cost_bg, image, 1.5)
+    assert not label[0, 0]
+    np.testing.assert_array_equal(label, expect)
+
+
+def _ring(count: int, radius: float, height: float, target=np.zeros(3)) -> Cameras:
+    angles = np.linspace(0, 2 * np.pi, count, endpoint=False)
+    eyes = np.stack([radius * np.cos(angles), radius * np.sin(angles), np.full(count, height)], 1)
+    w2c = np.stack([look_at(e, target, np.array([0.0, 0.0, 1.0])) for e in eyes])
+    k = np.tile(np.array([[80.0, 0, 64], [0, 80.0, 48], [0, 0, 1]]), (count, 1, 1))
+    return Cameras(k, w2c, np.tile([96, 128], (count, 1)))
+
+
+def test_the_focus_is_where_every_camera_looks_and_the_table_is_background():
+    target = np.array([0.3, -0.2, 0.1])
+    cameras = _ring(12, 3.0, 1.5, target)
+    np.testing.assert_allclose(cosegment.common_focus(cameras), target, atol=1e-9)
+    rng = np.random.default_rng(0)
+    blob = target + rng.normal(0, 0.15, (300, 3)) * [1, 1, 0.5] + [0, 0, 0.25]  # the object, on the table
+    table = np.concatenate([rng.uniform(-1.2, 1.2, (600, 2)), np.zeros((600, 1))], 1) + [0.3, -0.2, 0.0]
+    room = rng.normal(0, 1, (200, 3)) * 6  # walls and furniture far away
+    obj, bg, facts = cosegment.classify_points(cameras, np.concatenate([blob, table, room]))
+    assert facts["plane"] is not None and abs(facts["plane"][0][2]) > 0.99
+    assert obj[:300].mean() > 0.8 and obj[300:].mean() < 0.02
+    assert bg[300:900].mean() > 0.9 and bg[:300].mean() < 0.05
+
+
+def _masks_on_clutter(capture, truth):
+    config = CamerasConfig(exclude_bad_masks=False)
+    gen = estimate_missing(capture, config)
+    seen = []
+    while True:
+        try:
+            seen.append(next(gen))
+        except StopIteration as stop:
+            done = stop.value
+            break
+    iou = ((done.masks > 0.5) & truth).sum((1, 2)) / ((done.masks > 0.5) | truth).sum((1, 2))
+    return done, iou, seen
+
+
+@pytest.mark.parametrize("name", ["lego_128", "mold_cape_12"])
+def test_masks_from_geometry_match_the_truth_on_real_photographs(name):
+    """Posed captures with no masks, each view over a different crop of a real photograph: the
+    masks estimated from where the cameras look reach IoU >= 0.85 against the true masks."""
+    capture = load_capture(FIXTURES / name if name == "lego_128" else ASSETS / name)
+    cluttered, truth = on_photographs(capture, over_white=name == "lego_128")
+    done, iou, seen = _masks_on_clutter(cluttered, truth)
+    print(name, "IoU", iou.mean(), iou.min())
+    assert len(done) == len(capture) and iou.mean() >= 0.85, iou
+    assert any(isinstance(e, events.Metrics) and "mask_hull_iou_mean" in e.values for e in seen)
