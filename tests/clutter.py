@@ -14,6 +14,8 @@ import skimage.data
 from PIL import Image
 
 from pipeline.capture import Capture
+from pipeline.config import CamerasConfig
+from pipeline.reconstruct import estimate_missing
 
 _PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
 
@@ -48,3 +50,18 @@ def on_photographs(capture: Capture, seed: int = 0, over_white: bool = True) -> 
     cluttered = Capture(images=out, masks=None, cameras=capture.cameras, names=capture.names, source=capture.source,
                         warnings=[], originals=None)
     return cluttered, truth
+
+
+def masks_on_clutter(capture, truth):
+    """(the capture completed by `estimate_missing`, mask IoU per view against ``truth``, its events)."""
+    config = CamerasConfig(exclude_bad_masks=False)
+    gen = estimate_missing(capture, config)
+    seen = []
+    while True:
+        try:
+            seen.append(next(gen))
+        except StopIteration as stop:
+            done = stop.value
+            break
+    iou = ((done.masks > 0.5) & truth).sum((1, 2)) / ((done.masks > 0.5) | truth).sum((1, 2))
+    return done, iou, seen

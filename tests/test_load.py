@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
