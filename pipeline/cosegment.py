@@ -135,7 +135,7 @@ def _support_plane(xyz: np.ndarray, centres: np.ndarray, scale: float, rng: np.r
     normal, offset = best
     inliers = np.abs(xyz @ normal - offset) < 0.02 * scale
     centroid = xyz[inliers].mean(0)  # refit by least squares
-    normal = np.linalg.svd(xyz[inliers] - centroid)[2][-1]
+    normal = np.linalg.svd(xyz[inliers] - centroid, full_matrices=False)[2][-1]
     offset = float(normal @ centroid)
     side = centres @ normal - offset
     if (side > 0).mean() < 0.5:
