@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -75,3 +76,37 @@ def test_masks_from_geometry_match_the_truth_on_real_photographs():
     print("mold_cape_12 IoU", iou.mean(), iou.min())
     assert len(done) == len(capture) and iou.mean() >= 0.85, iou
     assert any(isinstance(e, events.Metrics) and "mask_hull_iou_mean" in e.values for e in seen)
+
+
+def test_when_most_estimated_masks_look_wrong_all_are_kept_and_the_message_says_what_to_change(monkeypatch):
+    """Never "only 0 photo(s)": leaving out every flagged photo would leave too few, so none is left
+    out, and the warning names them and the fixes."""
+    from pipeline import masks as masks_mod  # noqa: PLC0415
+    from pipeline.config import CamerasConfig  # noqa: PLC0415
+    from pipeline.reconstruct import estimate_missing  # noqa: PLC0415
+
+    capture = load_capture(ASSETS / "mold_cape_12")
+    bare = dataclasses.replace(capture, masks=None)
+    real = masks_mod.estimate_masks
+
+    def all_flagged(images, names=None, method="auto", weights_dir=None):
+        est = real(images, names, method="classical")
+        est.flagged[:] = True
+        est.warnings = [f"mask of {n} looks wrong (object touches the border, quality 0.10); ..." for n in names]
+        return est
+
+    monkeypatch.setattr(masks_mod, "estimate_masks", all_flagged)
+    run = estimate_missing(bare, CamerasConfig(masks="classical"))
+    warnings = []
+    while True:
+        try:
+            event = next(run)
+        except StopIteration as stop:
+            done = stop.value
+            break
+        if isinstance(event, events.Warning):
+            warnings.append(event.message)
+    assert len(done) == 12 and done.masks.shape == (12, 128, 128)
+    text = " ".join(warnings)
+    assert "12 of 12 estimated masks look wrong" in text and "kept them all" in text and capture.names[0] in text
+    assert "masks/ folder" in text and "plain background" in text
