@@ -8,13 +8,18 @@ motion) and sparse 3D points (SfM's, or `triangulate_with_poses` for posed captu
 2. `classify_points`: points that almost every camera frames and that lie near the focus are the
    object's candidates; a dominant plane through them with every camera on one side is the support
    (table, floor) and is background, as are the points far from the focus.
-3. Per photo, a graph cut (`graph_cut`: min cut by `scipy.sparse.csgraph.maximum_flow`) between
-   object and background colour models shared by all photos (Gaussian mixtures in Lab, refitted
-   from the labels of every photo, GrabCut's loop), with the photo's object points as object seeds
-   and its background points and frame border as background seeds, contrast-sensitive smoothing,
-   and a spatial prior: outside the projected object points at first, then outside the visual hull.
-4. The masks carve a visual hull (a few views may disagree); its silhouette in each photo is the
-   next round's spatial prior; views whose mask still disagrees with the hull are flagged.
+3. Per photo, a graph cut (`graph_cut`: the exact minimum, by `scipy.sparse.csgraph.maximum_flow`)
+   between object and background colour models (smoothed RGB histograms) shared by all photos and
+   mixed with each photo's own, refitted from the labels of every photo (GrabCut's loop); the photo's
+   object points are object seeds, its background points and frame border background seeds;
+   contrast-sensitive smoothing; a spatial prior against "object" away from the projected object
+   points (first round), then away from the visual hull's silhouette, with a bonus inside it.
+4. The masks carve a visual hull (a few views may disagree); its silhouette in each photo bounds the
+   next round; views whose final mask still disagrees with the hull are flagged.
+
+With too few points on the object (small photos, plain objects) the first round starts instead from
+the volume that almost every camera frames, projected into each photo, with an object colour model
+of the colours that every photo shows there (the object is in all of them, the backgrounds differ).
 
 Everything runs at a working size of at most ``work_side`` pixels on the long side; the masks are
 returned at the capture's size.
