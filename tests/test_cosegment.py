@@ -35,8 +35,8 @@ def _brute_force(cost_fg, cost_bg, image, smoothness):
 @pytest.mark.parametrize("seed", range(4))
 def test_graph_cut_finds_the_exact_minimum(seed):
     rng = np.random.default_rng(seed)
-    cost_fg, cost_bg = rng.uniform(0, 3, (2, 3, 4))
-    image = rng.uniform(0, 1, (3, 4, 3))
+    cost_fg, cost_bg = rng.uniform(0, 3, (2, 3, 3))
+    image = rng.uniform(0, 1, (3, 3, 3))
     cost_fg[0, 0] = np.inf  # a hard background seed
     label = cosegment.graph_cut(cost_fg, cost_bg, image, smoothness=1.5)
     expect, _ = _brute_force(cost_fg, cost_bg, image, 1.5)
