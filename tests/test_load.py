@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -111,6 +112,11 @@ def bad_uploads(folder: Path) -> dict[str, tuple[list[Path], str]]:
     truncated = folder / photos[1].name
     truncated.write_bytes(photos[1].read_bytes()[:200])
     cases["path outside + truncated PNG"] = ([*photos[:1], truncated, *photos[2:], escape_file], photos[1].name)
+
+    odd_mask = folder / "odd_mask" / f"{photos[2].stem}_mask.png"  # a mask of another shape than its photo
+    odd_mask.parent.mkdir(exist_ok=True)
+    Image.new("L", (200, 128), 255).save(odd_mask)
+    cases["mask of another shape"] = ([*photos, odd_mask, LEGO / "transforms_train.json"], "Make the mask from this photo")
 
     html = folder / "html"
     html.mkdir(exist_ok=True)
