@@ -59,6 +59,41 @@ class Cameras:
         sizes = np.maximum(np.round(self.sizes * factor), 1).astype(np.int64)
         return Cameras(k, self.world_to_camera.copy(), sizes)
 
+    def resized(self, sizes: np.ndarray) -> "Cameras":
+        """The same cameras for images resampled to ``sizes`` [N, 2] (H, W), or one (H, W) for all.
+
+        Exact for any resampling that maps the image rectangle onto the new one (pixel corners to
+        corners): x scales by W'/W and y by H'/H, anisotropically when the aspect ratio changes.
+        """
+        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), self.sizes.shape).copy()
+        k = self.intrinsics.copy()
+        k[:, 0, :] *= (sizes[:, 1] / self.sizes[:, 1])[:, None]
+        k[:, 1, :] *= (sizes[:, 0] / self.sizes[:, 0])[:, None]
+        k[:, 2] = (0.0, 0.0, 1.0)
+        return Cameras(k, self.world_to_camera.copy(), sizes)
+
+    def turned(self, turns: np.ndarray) -> "Cameras":
+        """The same cameras for images turned by ``turns`` [N] quarter turns clockwise (`np.rot90(image, -turns)`).
+
+        Exact: one clockwise quarter turn of an H x W image maps pixel (x, y) to (H - y, x) and is
+        the camera rotating about its optical axis, (X, Y, Z) -> (-Y, X, Z); so K' = A K Q^T with
+        A = [[0, -1, H], [1, 0, 0], [0, 0, 1]], world_to_camera' = Q world_to_camera, and (H, W) swap.
+        """
+        turns = np.broadcast_to(np.asarray(turns, dtype=np.int64) % 4, (len(self),)).copy()
+        k, w2c, sizes = self.intrinsics.copy(), self.world_to_camera.copy(), self.sizes.copy()
+        if np.any((turns > 0) & (np.abs(k[:, 0, 1]) > 1e-9 * k[:, 0, 0])):
+            raise ValueError("a camera with skew cannot be turned exactly into this K convention")
+        quarter = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # Q, also A without its H
+        while np.any(turns > 0):
+            todo = turns > 0
+            pixel = np.tile(quarter, (int(todo.sum()), 1, 1))
+            pixel[:, 0, 2] = sizes[todo, 0]
+            k[todo] = pixel @ k[todo] @ quarter.T
+            w2c[todo, :3, :] = quarter @ w2c[todo, :3, :]
+            sizes[todo] = sizes[todo, ::-1]
+            turns -= todo
+        return Cameras(k, w2c, sizes)
+
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates [N, P, 2] (x = column, y = row, continuous) and depth [N, P] of world points [P, 3]."""
         homog = np.concatenate([points, np.ones((len(points), 1))], axis=1)

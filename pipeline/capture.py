@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -11,14 +12,26 @@ from .cameras import Cameras
 from .errors import PipelineError
 
 
+@dataclass(frozen=True)
+class Original:
+    """Where a view's pixels came from: its photo, read with or without its EXIF orientation and then
+    turned ``turns`` quarter turns clockwise onto the capture's canvas (then resized to it)."""
+
+    path: Path
+    exif: bool
+    turns: int
+
+
 @dataclass
 class Capture:
-    """N photos of one object, all H x W (importers resize or refuse mixed sizes).
+    """N photos of one object on one H x W canvas (importers turn and resize photos onto it, cameras following).
 
     images: [N, H, W, 3] float32 linear-in-file RGB in [0, 1] (sRGB values as stored, not linearised).
     masks: [N, H, W] float32 in [0, 1] (1 = object), or None when unknown.
     cameras: per-view cameras (docs/CONVENTIONS.md), or None when they must be estimated.
     names: file name of each view (used in messages).
+    originals: per view, its photo file and how it was brought onto the canvas, when read from files
+        without cameras (structure from motion reads them at its own resolution), else None.
     """
 
     images: np.ndarray
@@ -27,6 +40,7 @@ class Capture:
     names: List[str]
     source: str = ""
     warnings: List[str] = field(default_factory=list)
+    originals: Optional[List[Original]] = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -38,6 +52,8 @@ class Capture:
             raise PipelineError(f"masks must be [{n}, {h}, {w}], got {self.masks.shape}")
         if self.cameras is not None and len(self.cameras) != n:
             raise PipelineError(f"{n} images but {len(self.cameras)} cameras")
+        if self.originals is not None and len(self.originals) != n:
+            raise PipelineError(f"{n} images but {len(self.originals)} originals")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,4 +72,5 @@ class Capture:
             names=[self.names[i] for i in index],
             source=self.source,
             warnings=list(self.warnings),
+            originals=None if self.originals is None else [self.originals[i] for i in index],
         )

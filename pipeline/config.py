@@ -30,7 +30,8 @@ class CamerasConfig:
     source: str = param("auto", "Cameras: from the camera file, else estimated (auto); from the camera file only "
                         "(file); always by structure from motion (estimate); or a turntable at equal steps (turntable)",
                         choices=("auto", "file", "estimate", "turntable"))
-    masks: str = param("auto", "Masks for photos without: the learned segmenter when installed, else classical",
+    masks: str = param("auto", "Masks for photos without: the learned segmenter when installed, else from where the "
+                       "cameras look (works on cluttered backgrounds); classical = by the colours along the frame",
                        choices=("auto", "classical", "segmenter"))
     exclude_bad_masks: bool = param(True, "Leave out photos whose estimated mask looks wrong")
     turntable_elevation_deg: float = param(15.0, "Turntable: camera height above the object's middle (degrees)", -89.0, 89.0, 1.0)

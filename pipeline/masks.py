@@ -2,7 +2,9 @@
 
 Order of preference (the importers already handle the first two): an alpha channel; a user mask per
 photo; the ``segmenter`` model of weights/manifest.json when both its file and the ``rembg`` package
-are present (never downloaded here); otherwise `classical_masks`, which needs no weights.
+are present (never downloaded here); otherwise, once the cameras are known, the geometric masker of
+`pipeline.cosegment` (the cameras stage chooses, `pipeline.reconstruct.estimate_missing`); otherwise
+`classical_masks`, which needs no weights but a plain background.
 
 The classical masker assumes the photo's border shows background (the object is framed inside it). It
 models the background colours from a band along the border and the object's from pixels that the
@@ -214,6 +216,11 @@ def score_masks(masks: np.ndarray,  # [N, H, W] cleaned
 
 
 # ------------------------------------------------------------------------------- learned segmenter
+
+
+def segmenter_available(weights_dir: Optional[Path] = None) -> bool:
+    """Whether the learned segmenter's model file and packages are installed (nothing is fetched)."""
+    return _segmenter_file(weights_dir) is not None
 
 
 def _segmenter_file(weights_dir: Optional[Path]) -> Optional[Path]:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from . import export, sfm
+from . import cosegment, export, sfm
 from . import masks as masks_mod
 from .cameras import Cameras
 from .capture import Capture
@@ -129,50 +129,104 @@ def _cameras_plan(capture: Capture, source: str) -> str:
 
 def estimate_missing(capture: Capture, config: CamerasConfig,
                      cancel: Optional[Callable[[], bool]] = None) -> Iterator[Event]:
-    """Masks and/or cameras for a capture that lacks them, as events; returns the completed capture.
+    """Cameras and/or masks for a capture that lacks them, as events; returns the completed capture.
 
-    Masks first (the turntable prior needs silhouettes, SfM uses them to drop background features);
-    photos whose mask looks wrong are left out when ``config.exclude_bad_masks``. Cameras by structure
-    from motion ("auto", "estimate") or the turntable prior ("turntable"); photos SfM cannot place are
-    dropped with a warning. Events are reported under the "cameras" stage.
+    Cameras first, by structure from motion ("auto", "estimate": on the photos at their own
+    resolution, features restricted only by the user's own masks) or the turntable prior
+    ("turntable", which needs silhouettes, so its masks come first). Then masks, when missing: the
+    learned segmenter when installed, else from the geometry (`pipeline.cosegment`: sparse points,
+    SfM's or triangulated with the given poses, seed graph cuts refined with the visual hull), else
+    the classical border-colour masker ("classical", or when the geometry finds too little). Photos
+    whose mask looks wrong are left out when ``config.exclude_bad_masks``, unless that would leave
+    too few. Photos SfM cannot place are dropped with a warning naming them. Events are reported under
+    the "cameras" stage; its Metrics carry ``registered`` and ``photos`` for estimated cameras.
     """
     stage = "cameras"
+    images, masks, cameras = capture.images, capture.masks, capture.cameras
     names = list(capture.names)
-    images, masks = capture.images, capture.masks
     index = np.arange(len(capture))  # [N'] the input views still in use
-    if masks is None:
-        yield Progress(stage, 0.05, f"estimating object masks for {len(capture)} photos")
-        est = masks_mod.estimate_masks(images, names, method=config.masks)
-        check_cancel(cancel)
-        for message in est.warnings:
-            yield Warning(message)
-        yield Metrics(stage, {"mask_quality_mean": float(est.scores.mean()), "masks_flagged": float(est.flagged.sum())})
-        masks = est.masks
-        if config.exclude_bad_masks and est.flagged.any():
-            keep = ~est.flagged
-            yield Warning(f"left out {int(est.flagged.sum())} photo(s) whose mask looks wrong "
-                          "(set cameras.exclude_bad_masks off to keep them)")
-            images, masks, index = images[keep], masks[keep], index[keep]
-            names = [capture.names[i] for i in index]
-    cameras = None if capture.cameras is None else capture.cameras[index]
+    points = None
     if config.source == "turntable":
+        if masks is None:
+            masks, index = yield from _estimate_masks(capture, None, None, config, cancel)
+            images, names = images[index], [names[i] for i in index]
         paths = [Path(capture.source) / n for n in names] if capture.source else []
         paths = [p for p in paths if p.is_file()]
         cameras = turntable_from_files(masks, paths, elevation_deg=config.turntable_elevation_deg,
                                        fov_deg=config.fov_deg)
         yield Progress(stage, 0.9, f"turntable cameras: {len(names)} views every {360 / len(names):.1f} deg")
-    elif cameras is None or config.source == "estimate":
-        result = yield from _run_in_thread(lambda progress: sfm.estimate_cameras(images, masks, names, progress=progress),
-                                           stage, cancel)
+        return Capture(images=images, masks=masks, cameras=cameras, names=names, source=capture.source,
+                       warnings=list(capture.warnings))
+    if cameras is None or config.source == "estimate":
+        originals = capture.originals
+        result = yield from _run_in_thread(lambda progress: sfm.estimate_cameras(
+            images, masks, names, progress=progress, originals=originals), stage, cancel)
         for message in result.warnings:
             yield Warning(message)
         yield Preview(stage, result.preview(0), f"sparse cloud: {len(result.points)} points seen from {names[result.registered[0]]}")
         yield Metrics(stage, {"registered": float(len(result.registered)), "photos": float(result.total),
                               "reprojection_error_px": result.mean_reprojection_error})
         images, masks, cameras = result.images, result.masks, result.cameras
-        names = [names[i] for i in result.registered]
-    return Capture(images=images, masks=masks, cameras=cameras, names=names, source=capture.source,
-                   warnings=list(capture.warnings))
+        index = index[result.registered]
+        points = cosegment.Points(result.points, result.visible)
+    placed = Capture(images=images, masks=masks, cameras=cameras, names=[capture.names[i] for i in index],
+                     source=capture.source, warnings=list(capture.warnings),
+                     originals=None if capture.originals is None else [capture.originals[i] for i in index])
+    if placed.masks is not None:
+        return placed
+    masks, keep = yield from _estimate_masks(placed, placed.cameras, points, config, cancel)
+    return dataclasses.replace(placed.subset(keep), masks=masks)
+
+
+def _estimate_masks(capture: Capture, cameras: Optional[Cameras], points: Optional["cosegment.Points"],
+                    config: CamerasConfig, cancel) -> Iterator[Event]:
+    """(masks [K, H, W], kept view indices [K]) for a capture without masks, as events (`estimate_missing`)."""
+    stage = "cameras"
+    names = capture.names
+    method = config.masks
+    if method == "auto" and (cameras is None or masks_mod.segmenter_available()):
+        method = "segmenter" if masks_mod.segmenter_available() else "classical"
+    flagged = None
+    if method == "auto":
+        yield Progress(stage, 0.7, f"finding the object in {len(capture)} photos from where the cameras look")
+        try:
+            if points is None:
+                points = yield from _run_in_thread(lambda progress: cosegment.triangulate_with_poses(
+                    capture.images, cameras, capture.originals), stage, cancel)
+            found = yield from _run_in_thread(lambda progress: cosegment.geometric_masks(
+                capture.images, cameras, points), stage, cancel)
+        except PipelineError as error:
+            yield Warning(f"masks from the cameras' geometry failed ({error}); used the classical masker, which "
+                          "needs a plain background")
+            method = "classical"
+        else:
+            masks, flagged = found.masks, found.flagged
+            yield Metrics(stage, {"mask_hull_iou_mean": float(found.hull_iou.mean()), "masks_flagged": float(flagged.sum()),
+                                  "mask_object_points": float(found.object_points)})
+            reasons = [f"{names[i]} (IoU {found.hull_iou[i]:.2f} with the hull)" for i in np.flatnonzero(flagged)]
+    if method != "auto":
+        yield Progress(stage, 0.7, f"estimating object masks for {len(capture)} photos ({method})")
+        est = masks_mod.estimate_masks(capture.images, names, method=method)
+        check_cancel(cancel)
+        yield Metrics(stage, {"mask_quality_mean": float(est.scores.mean()), "masks_flagged": float(est.flagged.sum())})
+        masks, flagged = est.masks, est.flagged
+        reasons = [w.split(" looks wrong")[0].removeprefix("mask of ") for w in est.warnings]
+    keep = np.arange(len(capture))
+    if flagged.any():
+        listed = ", ".join(reasons)
+        usable = int((~flagged).sum())
+        if not config.exclude_bad_masks:
+            yield Warning(f"{int(flagged.sum())} estimated mask(s) look wrong and were kept: {listed}")
+        elif usable >= max(MIN_VIEWS, len(capture) // 2):
+            keep = np.flatnonzero(~flagged)
+            yield Warning(f"left out {int(flagged.sum())} photo(s) whose estimated mask looks wrong: {listed} "
+                          "(turn 'Exclude bad masks' off to keep them)")
+        else:
+            yield Warning(f"{int(flagged.sum())} of {len(capture)} estimated masks look wrong ({listed}); kept them all, "
+                          "since leaving them out would leave too few photos. For better masks give a mask per photo "
+                          "(masks/ folder or PNG alpha), install the learned segmenter, or photograph the object "
+                          "against a plain background.")
+    return masks[keep], keep
 
 
 def reconstruct(
@@ -194,6 +248,7 @@ def reconstruct(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rasterizer = Rasterizer(backend="auto", device=device)
     timings: dict[str, float] = {}
+    camera_metrics: dict[str, float] = {}  # the cameras stage's, in the result as cameras_<key>
     try:
         # ---------------------------------------------------------------- ingest
         start = _now()
@@ -210,7 +265,7 @@ def reconstruct(
         estimated = capture.cameras is None or config.cameras.source in ("estimate", "turntable")  # the poses
         yield StageStarted("cameras", _cameras_plan(capture, config.cameras.source) if estimate else "from the camera file")
         if estimate:
-            capture = yield from estimate_missing(capture, config.cameras, cancel)
+            capture = yield from _noting_metrics(estimate_missing(capture, config.cameras, cancel), camera_metrics)
             validate_capture(capture)
         fit, held = split_holdout(capture, config.ingest.holdout_every)
         if len(fit) < MIN_VIEWS:
@@ -257,7 +312,8 @@ def reconstruct(
         cameras_path = save_cameras_json(capture, None, out_dir / f"{name}_cameras.json")
         yield Progress("export", 0.7, "measuring the result against the photos")
         means, per_view = compare_views(mesh, cameras, fit.images, fit.masks, fit.names, rasterizer)
-        metrics = {f"train_{k}": v for k, v in means.items()}
+        metrics = {f"cameras_{k}": v for k, v in camera_metrics.items()}
+        metrics.update({f"train_{k}": v for k, v in means.items()})
         surface = surface_quality(files["vertices"], files["faces"])  # the exported geometry, welded
         metrics.update(fold_over_pct=surface["fold_over_pct"], crease_pct=surface["crease_pct"])
         heldout = None
@@ -282,6 +338,18 @@ def reconstruct(
         # Free the GPU for the next job whatever happened (finished, failed, cancelled, closed).
         del rasterizer
         free_memory()
+
+
+def _noting_metrics(events: Iterator[Event], into: dict) -> Iterator[Event]:
+    """Pass ``events`` on, copying the values of their Metrics into ``into``; returns their return value."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(event, Metrics):
+            into.update(event.values)
+        yield event
 
 
 def _refine_within_memory(vertices, faces, field, cameras, fit, up, settings, rasterizer, work_dir, cancel,

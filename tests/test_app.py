@@ -229,9 +229,9 @@ def test_a_single_photo(client):
     assert "r_0.png" in message and "at least 3" in message
 
 
-def test_mixed_aspect_ratios(client, out_dir):
-    message = error_of(submit(client, lego_files(out_dir, {"r_4.png": write_resized((160, 128))})))
-    assert "r_4.png" in message and "aspect ratio" in message
+def test_mixed_aspect_ratios_are_stretched_with_a_notice(client, out_dir):
+    log = notice_then_stop(submit(client, lego_files(out_dir, {"r_4.png": write_resized((160, 128))})), "stretched")
+    assert "r_4.png (160x128)" in log
 
 
 def test_mixed_sizes_of_one_aspect_are_resized_with_a_notice(client, out_dir):

@@ -499,11 +499,13 @@ def test_llff_count_mismatch_and_bad_table(tmp_path):
     _raises(folder, "poses_bounds.npy", "[N, 17]")
 
 
-def test_mixed_aspect_ratio_names_the_odd_photo(tmp_path):
+def test_mixed_aspect_ratio_is_stretched_with_a_notice_naming_the_odd_photo(tmp_path):
     for k in range(3):
         Image.fromarray(_photo(k)).save(tmp_path / f"{k}.png")
     Image.fromarray(_photo(9, (60, 60))).save(tmp_path / "odd.png")
-    _raises(tmp_path, "odd.png", "aspect ratio")
+    capture = load_capture(tmp_path)
+    assert capture.images.shape == (4, 40, 60, 3)
+    assert any("odd.png (60x60)" in w and "stretched" in w for w in capture.warnings), capture.warnings
 
 
 def test_bad_colmap_and_cameras_json(lego, tmp_path):

@@ -113,10 +113,10 @@ def bad_uploads(folder: Path) -> dict[str, tuple[list[Path], str]]:
     truncated.write_bytes(photos[1].read_bytes()[:200])
     cases["path outside + truncated PNG"] = ([*photos[:1], truncated, *photos[2:], escape_file], photos[1].name)
 
-    wide = folder / "wide" / photos[2].name
-    wide.parent.mkdir(exist_ok=True)
-    Image.open(photos[2]).resize((200, 128)).save(wide)
-    cases["other aspect ratio"] = ([*photos[:2], wide, *photos[3:], LEGO / "transforms_train.json"], "aspect ratio")
+    odd_mask = folder / "odd_mask" / f"{photos[2].stem}_mask.png"  # a mask of another shape than its photo
+    odd_mask.parent.mkdir(exist_ok=True)
+    Image.new("L", (200, 128), 255).save(odd_mask)
+    cases["mask of another shape"] = ([*photos, odd_mask, LEGO / "transforms_train.json"], "Make the mask from this photo")
 
     html = folder / "html"
     html.mkdir(exist_ok=True)

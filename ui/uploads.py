@@ -4,7 +4,8 @@ The drop zone delivers each file in its own temporary folder, under its original
 files go to the loader as a list (it matches photos, masks and camera files by name); one .zip of
 a capture folder is unpacked, safely, and read as a folder. Files the loader would not use, and
 files named like photos whose content is not one, are left out with a notice rather than failing
-the run. `check_uploads` applies the `InputLimits` from file sizes and the archive's directory
+the run; so is every photo the run will turn or resize (`pipeline.importers.plan_capture`), all at
+once. `check_uploads` applies the `InputLimits` from file sizes and the archive's directory
 alone, so a bad upload is refused before it waits for the GPU or anything is unpacked.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Dict, List, Optional, Sequence, Union
 
 from pipeline.errors import PipelineError
+from pipeline.importers import plan_capture
 from pipeline.importers.pixels import FORMATS as PHOTO_FORMATS
 from pipeline.importers.sources import MASK_FOLDERS, is_image, is_mask
 from pipeline.limits import DEFAULT_LIMITS, MiB, InputLimits, describe, sniff
@@ -103,7 +105,18 @@ def sort_uploads(files: Optional[Sequence[Union[str, Path]]], workdir: Path,
                             "Upload JPEG, PNG or WebP photos of the object (at least 3).")
     photos = sorted((p for p in kept if is_image(p) and not is_mask(p)), key=lambda p: p.name)
     shown_as = {str(p): p.name for p in paths}
-    return Uploads(source=kept, photos=photos, notices=notices, shown_as=shown_as)
+    uploads = Uploads(source=kept, photos=photos, notices=notices, shown_as=shown_as)
+    uploads.notices += _photo_notes(uploads, limits)
+    return uploads
+
+
+def _photo_notes(uploads: "Uploads", limits: InputLimits) -> List[str]:
+    """Every photo the run will leave out, turn or resize, said once at upload time (from the
+    photos' headers: nothing is decoded), or the error the run would stop with."""
+    try:
+        return [uploads.tidy(note) for note in plan_capture(uploads.source, limits=limits)]
+    except PipelineError as error:
+        return [f"Run will stop here: {uploads.tidy(str(error))}"]
 
 
 def _checked_paths(files: Optional[Sequence[Union[str, Path]]], limits: InputLimits) -> List[Path]:
@@ -171,8 +184,10 @@ def _unpacked(archive: Path, workdir: Path, limits: InputLimits) -> Uploads:
     )
     if not photos:
         raise PipelineError(f"{archive.name} holds no photos (JPEG, PNG or WebP). Zip the folder that holds them.")
-    return Uploads(source=root, photos=photos, notices=notices,
-                   shown_as={str(root): archive.name, str(archive): archive.name})
+    uploads = Uploads(source=root, photos=photos, notices=notices,
+                      shown_as={str(root): archive.name, str(archive): archive.name})
+    uploads.notices += _photo_notes(uploads, limits)
+    return uploads
 
 
 def _safe_members(zf: zipfile.ZipFile, archive: Path, limits: InputLimits) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:

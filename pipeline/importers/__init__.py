@@ -25,7 +25,7 @@ from typing import Optional
 from ..capture import Capture
 from ..errors import PipelineError
 from ..limits import DEFAULT_LIMITS, InputLimits
-from .assemble import Frame, build_capture
+from .assemble import Frame, build_capture, make_plans, plan_views
 from .formats import (
     CAMERAS_JSON_FORMAT,
     colmap_files,
@@ -38,7 +38,7 @@ from .formats import (
 )
 from .sources import Source, SourceLike
 
-__all__ = ["load_capture", "detect_format", "save_cameras_json", "CAMERAS_JSON_FORMAT"]
+__all__ = ["load_capture", "plan_capture", "detect_format", "save_cameras_json", "CAMERAS_JSON_FORMAT"]
 
 
 def _candidates(source: Source, split: str) -> list[tuple[str, object]]:
@@ -69,19 +69,8 @@ def detect_format(source: SourceLike, split: str = "train") -> str:
     return found[0][0] if found else "images"
 
 
-def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str = "train",
-                 limits: InputLimits = DEFAULT_LIMITS) -> Capture:
-    """Read a capture from a folder, a camera file, or a list of files (see the module docstring).
-
-    ``max_side``: downscale so the longer image side is at most this (intrinsics follow; a warning says
-    so). ``split``: which NeRF ``transforms_<split>.json`` to read ("train", "test", "val"); other
-    formats have only the one split, "train". ``limits``: counts, bytes and pixels refused before
-    anything is decoded. Raises `PipelineError` naming the file and the fix.
-    """
-    if max_side is not None and max_side < 1:
-        raise PipelineError(f"max_side={max_side}: the longest image side must be at least 1 pixel.")
-    src = Source(source)
-    warnings: list[str] = []
+def _frames(src: Source, split: str, warnings: list[str], limits: InputLimits) -> tuple[list[Frame], Optional[object]]:
+    """(frames, camera file or None) of a source, with notes on what was ignored in ``warnings``."""
     found = _candidates(src, split)
     if split != "train" and not found:
         raise PipelineError(
@@ -100,21 +89,48 @@ def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str 
                 f"{src.label}: no photos (JPEG, PNG or WebP) and no camera file found{hint}. "
                 "Put the photos in this folder or in images/."
             )
-        frames = [Frame(image=p, name=src.name_of(p), mask=src.mask_for(p)) for p in images]
-        return build_capture(frames, None, src.label, max_side, warnings, limits)
+        return [Frame(image=p, name=src.name_of(p), mask=src.mask_for(p)) for p in images], None
 
     kind, where = found[0]
     for path in where.values() if isinstance(where, dict) else [where]:
         limits.check_bytes(path, path.stat().st_size, camera_file=True)
     if kind == "cameras.json":
-        camera_file, frames = where, read_cameras_json(where, src, warnings)
-    elif kind == "transforms":
-        camera_file, frames = where, read_transforms(where, src, warnings)
-    elif kind == "colmap":
+        return read_cameras_json(where, src, warnings), where
+    if kind == "transforms":
+        return read_transforms(where, src, warnings), where
+    if kind == "colmap":
         model_dir = where["cameras"].parent
         base = src.root if src.root is not None else model_dir
         images_dir = base / "images" if (base / "images").is_dir() else base
-        camera_file, frames = where["images"], read_colmap(where, images_dir, src, warnings)
-    else:
-        camera_file, frames = where, read_llff(where, src)
+        return read_colmap(where, images_dir, src, warnings), where["images"]
+    return read_llff(where, src), where
+
+
+def load_capture(source: SourceLike, max_side: Optional[int] = None, split: str = "train",
+                 limits: InputLimits = DEFAULT_LIMITS) -> Capture:
+    """Read a capture from a folder, a camera file, or a list of files (see the module docstring).
+
+    ``max_side``: downscale so the longer image side is at most this (intrinsics follow; a warning says
+    so). ``split``: which NeRF ``transforms_<split>.json`` to read ("train", "test", "val"); other
+    formats have only the one split, "train". ``limits``: counts, bytes and pixels refused before
+    anything is decoded. Photos of other orientations and sizes are brought onto one canvas, their
+    cameras following (`assemble.plan_views`). Raises `PipelineError` naming the file and the fix.
+    """
+    if max_side is not None and max_side < 1:
+        raise PipelineError(f"max_side={max_side}: the longest image side must be at least 1 pixel.")
+    src = Source(source)
+    warnings: list[str] = []
+    frames, camera_file = _frames(src, split, warnings, limits)
     return build_capture(frames, camera_file, src.label, max_side, warnings, limits)
+
+
+def plan_capture(source: SourceLike, split: str = "train", limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
+    """What `load_capture` would say about the photos, from their headers alone (nothing decoded):
+    which are left out, turned upright or to the majority's orientation, resized or stretched, all at
+    once. Raises the PipelineError loading would raise."""
+    src = Source(source)
+    notes: list[str] = []
+    frames, camera_file = _frames(src, split, notes, limits)
+    origin = camera_file.name if camera_file is not None else src.label
+    plan_views(make_plans(frames, origin, limits, notes), None, notes)
+    return notes

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ..cameras import Cameras
-from ..capture import Capture
+from ..capture import Capture, Original
 from ..errors import PipelineError
 from ..limits import InputLimits, describe, sniff
 from . import pixels
@@ -100,21 +100,68 @@ def _check_intrinsics(frame: Frame, image_size: tuple[int, int], where: str) -> 
         )
 
 
-def _common_size(frames: list[Frame], sizes: list[tuple[int, int]], warnings: list[str]) -> tuple[int, int]:
-    """The most common (H, W); other sizes must have its aspect ratio and get resized to it."""
-    counts = Counter(sizes)
-    target = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
-    odd = [(f, s) for f, s in zip(frames, sizes) if s != target]
-    for frame, size in odd:
-        if not _same_aspect(size, target):
-            raise PipelineError(
-                f"{frame.image}: this photo is {_wh(size)} but most photos are {_wh(target)} (another aspect ratio). "
-                "Crop or rotate it to match the others, or remove it."
-            )
-    if odd:
-        listed = ", ".join(f"{f.name} ({_wh(s)})" for f, s in odd[:5]) + (", ..." if len(odd) > 5 else "")
-        warnings.append(f"Photos have different sizes; resized to the most common, {_wh(target)}: {listed}.")
-    return target
+@dataclass
+class ViewPlan:
+    """How one photo becomes a view of the capture's canvas, decided from its header alone."""
+
+    frame: Frame
+    stored: tuple[int, int]  # (H, W) of the pixels as stored in the file
+    orientation: int  # the file's EXIF orientation tag (1 = upright as stored)
+    exif: bool  # whether that orientation is applied to the pixels
+    turns: int = 0  # quarter turns clockwise from the (oriented) photo onto the canvas
+
+    @property
+    def oriented(self) -> tuple[int, int]:  # (H, W) after the EXIF orientation, when applied
+        swap = self.exif and self.orientation in pixels.SWAPPING_ORIENTATIONS
+        return (self.stored[1], self.stored[0]) if swap else self.stored
+
+    @property
+    def turned(self) -> tuple[int, int]:  # (H, W) after the turns onto the canvas
+        return self.oriented[::-1] if self.turns % 2 else self.oriented
+
+
+def _shape(size: tuple[int, int]) -> str:
+    return "portrait" if size[0] > size[1] else "landscape" if size[1] > size[0] else "square"
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items)
+
+
+def plan_views(plans: list[ViewPlan], max_side: Optional[int], notes: list[str]) -> tuple[int, int]:
+    """Set each plan's ``turns`` and return the canvas (H, W) every view is brought onto; say in
+    ``notes`` which photos are turned, resized or stretched (once, naming all of them).
+
+    Photos of the minority orientation (portrait among landscape, or the reverse) are turned a
+    quarter clockwise; then every photo is resampled to the most common size (anisotropically when
+    its aspect ratio differs), then to ``max_side``. Each step is an exact change of the camera
+    (`Cameras.turned`, `Cameras.resized`), so nothing is refused for its shape.
+    """
+    upright = [p.frame.name for p in plans if p.exif and p.orientation != 1]
+    if upright:
+        notes.append(f"{len(upright)} photo(s) turned upright as their EXIF orientation says: {_listed(upright)}.")
+    shapes = Counter(_shape(p.oriented) for p in plans)
+    if shapes["portrait"] and shapes["landscape"]:
+        major = "portrait" if shapes["portrait"] > shapes["landscape"] else "landscape"
+        minor = "landscape" if major == "portrait" else "portrait"
+        odd = [p for p in plans if _shape(p.oriented) == minor]
+        for p in odd:
+            p.turns = 1
+        notes.append(
+            f"{len(odd)} {minor} photo(s) among {shapes[major]} {major} ones are turned 90 degrees clockwise to "
+            f"match, their cameras with them (exact): {_listed([f'{p.frame.name} ({_wh(p.oriented)})' for p in odd])}.")
+    counts = Counter(p.turned for p in plans)
+    canvas = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
+    resized = [p for p in plans if p.turned != canvas and _same_aspect(p.turned, canvas)]
+    stretched = [p for p in plans if not _same_aspect(p.turned, canvas)]
+    if resized:
+        notes.append(f"{len(resized)} photo(s) of another size are resized to the most common, {_wh(canvas)} "
+                     f"(cameras follow): {_listed([f'{p.frame.name} ({_wh(p.turned)})' for p in resized])}.")
+    if stretched:
+        notes.append(f"{len(stretched)} photo(s) of another aspect ratio are stretched to {_wh(canvas)} (cameras "
+                     "follow exactly, but detail is lost along one side; crop them like the others for the best "
+                     f"result): {_listed([f'{p.frame.name} ({_wh(p.turned)})' for p in stretched])}.")
+    return _limit(canvas, max_side, notes)
 
 
 def _limit(size: tuple[int, int], max_side: Optional[int], warnings: list[str]) -> tuple[int, int]:
@@ -126,54 +173,91 @@ def _limit(size: tuple[int, int], max_side: Optional[int], warnings: list[str]) 
     return out
 
 
-def _check_file(path: Path, limits: InputLimits, exif: bool) -> tuple[int, tuple[tuple[int, int], int]]:
-    """(bytes, `pixels.image_size` header) of photo or mask ``path``, after checking its size, its
-    content and its header's pixel count."""
+def _check_file(path: Path, limits: InputLimits) -> tuple[int, tuple[tuple[int, int], int]]:
+    """(bytes, ((H, W) as stored, EXIF orientation)) of photo or mask ``path``, after checking its
+    size, its content and its header's pixel count."""
     size = path.stat().st_size
     limits.check_bytes(path, size)
     if sniff(path) not in pixels.FORMATS:
         raise PipelineError(f"{path}: not a photo (its content is {describe(path)}, whatever its name says). "
                             "Remove it, or export it again as PNG or JPEG.")
-    header = pixels.image_size(path, exif)
+    header = pixels.image_size(path, exif=False)
     (height, width), _ = header
     limits.check_pixels(path, height, width)
     return size, header
 
 
-def check_files(frames: list[Frame], limits: InputLimits, exif: bool, origin: str) -> list[tuple[tuple[int, int], int]]:
+def check_files(frames: list[Frame], limits: InputLimits, origin: str) -> list[tuple[tuple[int, int], int]]:
     """The limits on count, bytes, content and pixels of every photo and mask, before any is decoded;
-    returns the photos' headers ((H, W), EXIF orientation), in frame order."""
+    returns the photos' headers ((H, W) as stored, EXIF orientation), in frame order."""
     limits.check_count(len(frames), origin)
     headers, total = [], 0
     for frame in frames:
-        size, header = _check_file(frame.image, limits, exif)
+        size, header = _check_file(frame.image, limits)
         headers.append(header)
-        total += size + (_check_file(frame.mask, limits, exif)[0] if frame.mask else 0)
+        total += size + (_check_file(frame.mask, limits)[0] if frame.mask else 0)
     limits.check_total(total, origin)
     return headers
 
 
-def _load_view(frame: Frame, size: tuple[int, int], intrinsics: Optional[np.ndarray], exif: bool):
-    """(RGB [H, W, 3] composited over white, mask [H, W] or None) of one view at ``size``."""
-    rgba = pixels.read_image(frame.image, exif)
+def _camera_sees_exif(frame: Frame, stored: tuple[int, int], orientation: int) -> bool:
+    """Whether a camera file's camera refers to the photo as its EXIF orientation shows it rather than
+    to the stored pixels (what calibration tools such as COLMAP see): only when its calibrated size
+    fits the turned photo and not the stored one."""
+    turned = (stored[1], stored[0])
+    return (orientation in pixels.SWAPPING_ORIENTATIONS and not _same_aspect(frame.size, stored)
+            and _same_aspect(frame.size, turned))
+
+
+def make_plans(frames: list[Frame], origin: str, limits: InputLimits,
+               notes: list[str]) -> list[ViewPlan]:
+    """One `ViewPlan` per frame (its turns still 0: `plan_views` sets them), after the file checks and,
+    for frames with cameras, the intrinsics checks. Without a camera file the EXIF orientation is
+    always applied; with one, only where the camera was calibrated for the turned photo."""
+    headers = check_files(frames, limits, origin)
+    plans = []
+    for index, (frame, (stored, orientation)) in enumerate(zip(frames, headers)):
+        exif = frame.intrinsics is None or _camera_sees_exif(frame, stored, orientation)
+        plan = ViewPlan(frame, stored, orientation, exif)
+        if frame.intrinsics is not None:
+            _check_intrinsics(frame, plan.oriented, f"{origin}, frame {index} ({frame.name})")
+        plans.append(plan)
+    ignored = [p.frame.name for p in plans if not p.exif and p.orientation != 1]
+    if ignored:
+        notes.append(f"EXIF orientation ignored for {len(ignored)} photo(s) (e.g. {ignored[0]}): the cameras in "
+                     f"{origin} refer to the pixels as stored.")
+    return plans
+
+
+def _load_view(plan: ViewPlan, size: tuple[int, int], intrinsics: Optional[np.ndarray]):
+    """(RGB [H, W, 3] composited over white, mask [H, W] or None) of one view on the canvas of ``size``.
+
+    Resampled to the canvas size before turning (``size`` turned back), undistorted there with that
+    size's ``intrinsics``, then turned: the order in which the camera changes (`build_capture`).
+    """
+    frame = plan.frame
+    rgba = pixels.read_image(frame.image, plan.exif)
     if rgba.shape[2] == 4:
         alpha = rgba[..., 3:]
         rgba = np.concatenate([rgba[..., :3] * alpha + (1.0 - alpha), alpha], axis=2)
         if alpha.min() >= 1.0:  # an opaque alpha channel says nothing about the object
             rgba = rgba[..., :3]
+    before_turn = size[::-1] if plan.turns % 2 else size
     if frame.mask is not None:
-        mask = pixels.read_mask(frame.mask, exif)
+        mask = pixels.read_mask(frame.mask, plan.exif)
         if not _same_aspect(mask.shape, rgba.shape[:2]):
             raise PipelineError(
                 f"{frame.mask}: this mask is {_wh(mask.shape)} but its photo {frame.image.name} is "
                 f"{_wh(rgba.shape[:2])}. Make the mask from this photo, at its size."
             )
-        layers = np.concatenate([pixels.resize(rgba[..., :3], size), pixels.resize(mask[..., None], size)], axis=2)
+        layers = np.concatenate([pixels.resize(rgba[..., :3], before_turn),
+                                 pixels.resize(mask[..., None], before_turn)], axis=2)
     else:
-        layers = pixels.resize(rgba, size)
+        layers = pixels.resize(rgba, before_turn)
     if frame.distortion is not None:
         fill = np.array([1.0, 1.0, 1.0, 0.0][: layers.shape[2]])
         layers = pixels.undistort(layers, intrinsics, frame.distortion, fill)
+    layers = np.ascontiguousarray(np.rot90(layers, -plan.turns))
     return layers[..., :3], (layers[..., 3] if layers.shape[2] == 4 else None)
 
 
@@ -185,10 +269,12 @@ def build_capture(
     warnings: list[str],
     limits: InputLimits,
 ) -> Capture:
-    """Validate the frames, read and size their pixels, and assemble the `Capture`.
+    """Validate the frames, read their pixels onto one canvas (`plan_views`), and assemble the `Capture`.
 
-    Frames with cameras: the images are used as stored (no EXIF rotation: calibration tools such as
-    COLMAP see the stored pixels); without: EXIF orientation is applied.
+    Cameras from a file follow each photo exactly: resized to the canvas size before turning, then
+    turned. Each view keeps where it came from in ``Capture.originals`` (unless a camera was
+    undistorted), so that structure from motion and the geometric masker can read the photos at
+    their own resolution and map what they find onto the canvas.
     """
     origin = camera_file.name if camera_file is not None else source_label
     if len(frames) < MIN_VIEWS:
@@ -198,32 +284,22 @@ def build_capture(
             "different sides are needed. Add photos (and check that the files listed in the camera file exist)."
         )
     calibrated = frames[0].intrinsics is not None
-    exif = not calibrated
-    headers = check_files(frames, limits, exif, origin)
-    sizes = [hw for hw, _ in headers]
-    if calibrated:
-        for index, (frame, size) in enumerate(zip(frames, sizes)):
-            _check_intrinsics(frame, size, f"{origin}, frame {index} ({frame.name})")
-        rotated = [f.name for f, (_, orientation) in zip(frames, headers) if orientation != 1]
-        if rotated:
-            warnings.append(
-                f"EXIF orientation ignored for {len(rotated)} photo(s) (e.g. {rotated[0]}): the cameras in {origin} "
-                "refer to the pixels as stored."
-            )
-    target = _limit(_common_size(frames, sizes, warnings), max_side, warnings)
+    plans = make_plans(frames, origin, limits, warnings)
+    canvas = plan_views(plans, max_side, warnings)
+    turns = np.array([p.turns for p in plans])
 
-    intrinsics = None
+    cameras = before_turn = None
     if calibrated:
-        calib = np.array([f.size for f in frames], dtype=np.float64)  # [N, 2] (H, W)
-        intrinsics = np.stack([f.intrinsics for f in frames])  # [N, 3, 3]
-        intrinsics[:, 0, :] *= (target[1] / calib[:, 1])[:, None]
-        intrinsics[:, 1, :] *= (target[0] / calib[:, 0])[:, None]
+        given = Cameras(np.stack([f.intrinsics for f in frames]), np.stack([f.world_to_camera for f in frames]),
+                        np.array([f.size for f in frames]))
+        before_turn = given.resized(np.where((turns % 2)[:, None] == 1, np.array(canvas)[::-1], np.array(canvas)))
+        cameras = before_turn.turned(turns)
 
-    images = np.empty((len(frames), *target, 3), dtype=np.float32)
-    masks = np.empty((len(frames), *target), dtype=np.float32)
+    images = np.empty((len(frames), *canvas, 3), dtype=np.float32)
+    masks = np.empty((len(frames), *canvas), dtype=np.float32)
     has_mask = np.zeros(len(frames), dtype=bool)
-    for i, frame in enumerate(frames):
-        rgb, mask = _load_view(frame, target, None if intrinsics is None else intrinsics[i], exif)
+    for i, plan in enumerate(plans):
+        rgb, mask = _load_view(plan, canvas, None if before_turn is None else before_turn.intrinsics[i])
         images[i] = rgb
         if mask is not None:
             masks[i], has_mask[i] = mask, True
@@ -245,10 +321,6 @@ def build_capture(
                 "Fix or remove this mask, or remove the view."
             )
 
-    cameras = None
-    if calibrated:
-        world_to_camera = np.stack([f.world_to_camera for f in frames])  # [N, 4, 4]
-        cameras = Cameras(intrinsics, world_to_camera, np.tile(np.array(target), (len(frames), 1)))
     return Capture(
         images=images,
         masks=masks if use_masks else None,
@@ -256,4 +328,7 @@ def build_capture(
         names=[f.name for f in frames],
         source=str(camera_file) if camera_file is not None else source_label,
         warnings=warnings,
+        # Undistorted views are no longer their photos resized: those have no originals to go back to.
+        originals=None if any(f.distortion is not None for f in frames)
+        else [Original(p.frame.image, p.exif, p.turns) for p in plans],
     )

@@ -11,7 +11,7 @@ from scipy import ndimage
 from ..errors import PipelineError
 
 _ORIENTATION_TAG = 0x0112
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes for 16-bit greyscale PNGs
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 FORMATS = ("PNG", "JPEG", "WebP", "TIFF", "BMP")  # what `pipeline.limits.sniff` may call a photo
@@ -32,7 +32,7 @@ def image_size(path: Path, exif: bool) -> tuple[tuple[int, int], int]:
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if has_exif else 1
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from e
-    if exif and orientation in _SWAPPING_ORIENTATIONS:
+    if exif and orientation in SWAPPING_ORIENTATIONS:
         width, height = height, width
     return (height, width), orientation
 
