@@ -25,7 +25,7 @@ from typing import Optional
 from ..capture import Capture
 from ..errors import PipelineError
 from ..limits import DEFAULT_LIMITS, InputLimits
-from .assemble import Frame, build_capture, make_plans, plan_views
+from .assemble import Frame, build_capture, make_plans, plan_views, require_views
 from .formats import (
     CAMERAS_JSON_FORMAT,
     colmap_files,
@@ -132,5 +132,6 @@ def plan_capture(source: SourceLike, split: str = "train", limits: InputLimits =
     notes: list[str] = []
     frames, camera_file = _frames(src, split, notes, limits)
     origin = camera_file.name if camera_file is not None else src.label
+    require_views(frames, origin, notes)
     plan_views(make_plans(frames, origin, limits, notes), None, notes)
     return notes

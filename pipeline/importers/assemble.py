@@ -261,6 +261,16 @@ def _load_view(plan: ViewPlan, size: tuple[int, int], intrinsics: Optional[np.nd
     return layers[..., :3], (layers[..., 3] if layers.shape[2] == 4 else None)
 
 
+def require_views(frames: list[Frame], origin: str, warnings: list[str]) -> None:
+    """Raise a PipelineError when fewer than MIN_VIEWS frames are usable, naming the first problem."""
+    if len(frames) < MIN_VIEWS:
+        note = f" ({len(warnings)} problem(s), first: {warnings[0]})" if warnings else ""
+        raise PipelineError(
+            f"{origin}: only {len(frames)} usable view(s){note}; at least {MIN_VIEWS} photos of the object from "
+            "different sides are needed. Add photos (and check that the files listed in the camera file exist)."
+        )
+
+
 def build_capture(
     frames: list[Frame],
     camera_file: Optional[Path],
@@ -277,12 +287,7 @@ def build_capture(
     their own resolution and map what they find onto the canvas.
     """
     origin = camera_file.name if camera_file is not None else source_label
-    if len(frames) < MIN_VIEWS:
-        note = f" ({len(warnings)} problem(s), first: {warnings[0]})" if warnings else ""
-        raise PipelineError(
-            f"{origin}: only {len(frames)} usable view(s){note}; at least {MIN_VIEWS} photos of the object from "
-            "different sides are needed. Add photos (and check that the files listed in the camera file exist)."
-        )
+    require_views(frames, origin, warnings)
     calibrated = frames[0].intrinsics is not None
     plans = make_plans(frames, origin, limits, warnings)
     canvas = plan_views(plans, max_side, warnings)
