@@ -165,6 +165,25 @@ def render_shaded(
     return _composite(rasterizer, grey, rast, clip, faces, background)
 
 
+def warm_up(rasterizer: Rasterizer) -> None:
+    """Run `render_textured`, `render_colored` and `render_shaded` forward and backward once on a
+    small mesh, so that a backend that compiles its kernels on first use (triton) does it now and not
+    on a job's clock. Costs milliseconds when the kernels are cached or the backend compiles nothing."""
+    device = rasterizer.device
+    vertices = torch.tensor([[0.0, 0.0, 0.5], [0.5, 0.0, -0.3], [-0.5, 0.3, -0.3], [0.0, -0.5, -0.3]],
+                            device=device, requires_grad=True)
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]], dtype=torch.int32, device=device)
+    uvs = torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.5, 0.9], [0.9, 0.9]], device=device)
+    texture = torch.full((1, 16, 16, 3), 0.5, device=device, requires_grad=True)
+    colors = torch.full((4, 3), 0.5, device=device, requires_grad=True)
+    clip_from_world = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                                    [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 2.0]], device=device)[None]
+    textured, _ = render_textured(rasterizer, vertices, faces, uvs, faces, texture, clip_from_world, (32, 32))
+    colored, _ = render_colored(rasterizer, vertices, faces, colors, clip_from_world, (32, 32))
+    shaded, _ = render_shaded(rasterizer, vertices, faces, clip_from_world, (32, 32))
+    (textured.sum() + colored.sum() + shaded.sum()).backward()
+
+
 def smooth_vertex_normals(
     vertices: Tensor,  # [V, 3]
     faces: Tensor,  # [F, 3] int32 or int64

@@ -23,7 +23,7 @@ from .evaluate import compare_views, surface_quality
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
-from .mesh import render_resolution
+from .mesh import render_resolution, warm_up
 from .importers import save_cameras_json
 from .normalize import cameras_in_world, estimate_up, normalize_scene, transform_cameras
 from .refine import Cancelled, check_cancel, refine
@@ -41,9 +41,13 @@ OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Low
 def preload() -> None:
     """Import now what a first job would otherwise import on its clock: constructing a torch
     optimizer imports ``torch._dynamo`` (about 3 s, once per process); pycolmap takes SIGTERM over
-    when imported (see `sfm.preload`). The app calls this at start, from its main thread."""
+    when imported (see `sfm.preload`); on a GPU, the renderer's kernels are loaded (and the triton
+    backend's compiled, seconds on a first run: `mesh.warm_up`). The app calls this at start, from
+    its main thread."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     sfm.preload()
+    if torch.cuda.is_available():
+        warm_up(Rasterizer(backend="auto", device="cuda"))
 
 
 def holdout_mask(count: int, every: int) -> np.ndarray:  # [count] bool, True = held out

@@ -196,3 +196,23 @@ def test_backend_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("PHOTO3D_RENDER_BACKEND", "opengl")
     with pytest.raises(ValueError, match="PHOTO3D_RENDER_BACKEND"):
         Rasterizer(device="cpu")
+
+
+def test_warm_up_runs_every_render_of_the_pipeline_forward_and_backward():
+    from pipeline.mesh import warm_up  # noqa: PLC0415
+
+    calls = []
+    for name in ("rasterize", "interpolate", "texture", "antialias"):
+        original = getattr(TRITON, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        setattr(TRITON, name, counting)
+    try:
+        warm_up(TRITON)
+    finally:
+        for name in ("rasterize", "interpolate", "texture", "antialias"):
+            delattr(TRITON, name)
+    # textured, coloured and shaded: three rasterizations, each anti-aliased; one texture lookup
+    assert calls.count("rasterize") == 3 and calls.count("antialias") == 3 and calls.count("texture") == 1
