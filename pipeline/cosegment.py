@@ -157,9 +157,9 @@ def triangulate_with_poses(images: np.ndarray,  # [N, H, W, 3] the canvas
     nearest views (by direction from the common focus), verified by pycolmap, triangulated with the
     given cameras; a point is kept when it reprojects within ``max_error_px`` in both photos (at
     matching size), in front of both, with at least 1 degree between the rays."""
-    import pycolmap
+    from .sfm import _silence_colmap, _write_inputs, pycolmap_module  # noqa: PLC0415 (sfm imports this module's users)
 
-    from .sfm import _silence_colmap, _write_inputs  # noqa: PLC0415 (sfm imports this module's users)
+    pycolmap = pycolmap_module()
 
     _silence_colmap()
     n = len(images)

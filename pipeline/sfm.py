@@ -84,17 +84,31 @@ class SfMResult:
                 f"{self.mean_reprojection_error:.2f} px, {len(self.points)} points, {self.seconds:.0f} s")
 
 
+def pycolmap_module():
+    """The pycolmap module, or a PipelineError that says how to install it (camera files need none)."""
+    try:
+        import pycolmap
+    except ImportError as exc:
+        raise PipelineError(f"estimating cameras or masks from the photos needs pycolmap ({exc}): "
+                            "`pip install -r requirements.txt`, or give a camera file and masks") from None
+    return pycolmap
+
+
 def preload() -> None:
-    """Import pycolmap now. Its import installs glog's failure signal handler, which takes SIGTERM too
-    and prints a crash-style stack trace on an ordinary shutdown: a program that handles SIGTERM
-    itself (the app) calls this from its main thread before it sets its own handler."""
-    import pycolmap  # noqa: F401
+    """Import pycolmap now, when it is installed. Its import installs glog's failure signal handler,
+    which takes SIGTERM too and prints a crash-style stack trace on an ordinary shutdown: a program
+    that handles SIGTERM itself (the app) calls this from its main thread before it sets its own
+    handler."""
+    try:
+        import pycolmap  # noqa: F401
+    except ImportError:
+        pass  # a job that needs it says so (`pycolmap_module`)
 
 
 def _silence_colmap() -> None:
     """pycolmap logs every step through glog on stderr; its errors ("Failed to create any sparse model")
     become our PipelineErrors, which say it in the user's terms: keep only fatal ones."""
-    import pycolmap
+    pycolmap = pycolmap_module()
 
     pycolmap.logging.minloglevel = 3
     pycolmap.logging.stderrthreshold = 3
@@ -217,7 +231,7 @@ def _write_original(original: Original, folder: Path, stem: str, size: Tuple[int
 
 def _options():
     """COLMAP's extraction and matching defaults (CPU); a mapper that accepts fewer inliers per view."""
-    import pycolmap
+    pycolmap = pycolmap_module()
 
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.use_gpu = False
@@ -261,7 +275,7 @@ def estimate_cameras(
     originals: Optional[Sequence[Original]] = None,  # where each view's photo is (`Capture.originals`)
 ) -> SfMResult:
     """Register the photos with pycolmap (see the module docstring). Raises PipelineError if too few register."""
-    import pycolmap
+    pycolmap = pycolmap_module()
 
     start = time.monotonic()
     n, h, w, _ = images.shape
