@@ -345,6 +345,9 @@ def export_textured_mesh(
 
 def load_glb(path: PathLike) -> Tuple[TexturedMesh, np.ndarray]:  # (mesh in GLB coordinates, world_from_model)
     """Read a GLB written by `write_glb` (or any textured GLB plus its world_from_model extras)."""
+    if not Path(path).is_file():
+        where = f"{path}: no such file" if str(path) else "no such file (the GLB path is empty)"
+        raise PipelineError(f"{where}; give the .glb that `python -m pipeline reconstruct` wrote")
     world_from_model = read_world_from_model(path)
     try:
         loaded = trimesh.load(path, force="mesh", process=False)

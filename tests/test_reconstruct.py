@@ -192,6 +192,10 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "reconstruct", str(LEGO), "-o", str(tmp_path / "x.glb"),
                            "--set", "refine.iterations=-3"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "outside its range" in proc.stderr
+    for glb in ("", str(tmp_path / "missing.glb")):  # eval of a GLB that is not there
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "eval", glb, str(LEGO)], capture_output=True,
+                              text=True, cwd=REPO)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such file" in proc.stderr, proc.stderr
 
 
 def test_cli_reconstruct_and_eval(tmp_path):
