@@ -208,28 +208,36 @@ def main() -> int:
     report = {"gpu": torch.cuda.get_device_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides}
     only = args.only or ["lego", "spot", "bob"]
+    gpu = report["gpu"].replace(" ", "-")
+    tag = f"_{args.tag}" if args.tag else ""
+    path = args.results / f"gpu_e2e_{report['date']}_{gpu}_{commit}{tag}.json"
+
+    def save() -> str:  # after every scene, so that a run stopped by a time limit keeps what finished
+        args.results.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(report, indent=2)
+        path.write_text(text + "\n")
+        return text
+
     # Warm up CUDA and nvdiffrast's kernels, and the imports a first job pays once per process
     # (`preload`, as the app does at start), so the first benchmark doesn't pay for them.
     raw_render_cost(2000, 2, 64, 64, repeats=1)
     preload()
     if "lego" in only:
         report["lego"] = bench_lego(args.data, config, args.out)
+        save()
         available = [b for b, ok in (("nvdiffrast", nvdiffrast_available()), ("triton", triton_available("cuda")),
                                      ("torch", True)) if ok]
         backends = available if args.backends == "all" else [b for b in args.backends.split(",") if b in available]
         if backends and args.backends != "none":
             report["lego"]["backends"] = bench_backends(args.data, config, args.out, backends)
+            save()
     for name, obj in (("spot", "spot/spot.obj"), ("bob", "bob/bob_tri.obj")):
         if name in only:
             report[name] = bench_mesh(args.data, name, obj, config, args.out)
+            save()
     if args.profile:
         profile_lego(args.data, config, args.out, args.profile)
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    gpu = report["gpu"].replace(" ", "-")
-    tag = f"_{args.tag}" if args.tag else ""
-    (args.results / f"gpu_e2e_{report['date']}_{gpu}_{commit}{tag}.json").write_text(text + "\n")
+    print(save())
     return 0
 
 
