@@ -125,9 +125,9 @@ def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", m
     }
 
 
-def bench_backends(data: Path, config, out: Path, backends: list) -> dict:
-    """lego end to end with each rendering backend forced (PHOTO3D_RENDER_BACKEND), in this run."""
-    results = {}
+def bench_backends(data: Path, config, out: Path, backends: list, results: dict, save) -> None:
+    """lego end to end with each rendering backend forced (PHOTO3D_RENDER_BACKEND), in this run, into
+    ``results`` (``save()`` after each)."""
     for backend in backends:
         os.environ[BACKEND_ENV] = backend
         try:
@@ -141,7 +141,7 @@ def bench_backends(data: Path, config, out: Path, backends: list) -> dict:
         keys = ("e2e_seconds", "loop_ms_per_iter", "heldout_psnr", "heldout_ssim", "mask_iou", "stage_seconds",
                 "geometry_ms_per_step", "texture_ms_per_step", "raw_ms_per_iter")
         results[backend] = {key: lego[key] for key in keys}
-    return results
+        save()
 
 
 def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
@@ -229,8 +229,7 @@ def main() -> int:
                                      ("torch", True)) if ok]
         backends = available if args.backends == "all" else [b for b in args.backends.split(",") if b in available]
         if backends and args.backends != "none":
-            report["lego"]["backends"] = bench_backends(args.data, config, args.out, backends)
-            save()
+            bench_backends(args.data, config, args.out, backends, report["lego"].setdefault("backends", {}), save)
     for name, obj in (("spot", "spot/spot.obj"), ("bob", "bob/bob_tri.obj")):
         if name in only:
             report[name] = bench_mesh(args.data, name, obj, config, args.out)
