@@ -64,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.reconstruct import preload  # noqa: PLC0415
 
     _log_to_console()
-    preload()  # imports pycolmap, whose crash handler takes SIGTERM over: the handler below comes after
+    # pycolmap's import takes SIGTERM over: the handler below comes after. ZeroGPU lends CUDA only inside a job.
+    preload(gpu=not os.environ.get("SPACES_ZERO_GPU"))
 
     app = build_app()
     # `docker stop` and Spaces send SIGTERM: leave through the same cleanup as Ctrl-C.

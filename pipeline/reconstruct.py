@@ -38,15 +38,16 @@ OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Low
                      "and run again.")
 
 
-def preload() -> None:
+def preload(gpu: bool = True) -> None:
     """Import now what a first job would otherwise import on its clock: constructing a torch
     optimizer imports ``torch._dynamo`` (about 3 s, once per process); pycolmap takes SIGTERM over
-    when imported (see `sfm.preload`); on a GPU, the renderer's kernels are loaded (and the triton
-    backend's compiled, seconds on a first run: `mesh.warm_up`). The app calls this at start, from
-    its main thread."""
+    when imported (see `sfm.preload`); with ``gpu`` and a GPU, the renderer's kernels are loaded (the
+    triton backend's compiled: 19 s on an H200 with an empty cache, `mesh.warm_up`). The app calls
+    this at start, from its main thread, with ``gpu=False`` where CUDA must not be touched outside a
+    job (ZeroGPU)."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     sfm.preload()
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         warm_up(Rasterizer(backend="auto", device="cuda"))
 
 
