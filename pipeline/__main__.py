@@ -69,7 +69,8 @@ def _add_eval(subparsers) -> None:
     )
     p.add_argument("glb", help="a .glb written by `python -m pipeline reconstruct`")
     p.add_argument("input", nargs="+", help="capture folder or files with the views to compare against")
-    p.add_argument("--split", default="test", help="split of a NeRF-style capture to compare against (default: test)")
+    p.add_argument("--split", help="split of a NeRF-style capture to compare against (default: test where the "
+                   "capture has one, else all its views)")
     p.add_argument("--gt", help="ground-truth mesh (any format trimesh reads) in the capture's world frame")
     p.add_argument("--images", metavar="DIR", help="write one PNG per view into DIR: the photo (on white, as "
                    "scored), the textured render and a grey lit render (head light) side by side")

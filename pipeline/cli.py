@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import events
 from .config import apply_overrides, describe, parse_overrides, preset
 from .errors import PipelineError
-from .importers import load_capture
+from .importers import detect_format, load_capture
 
 
 def _source(inputs: list[str]):
@@ -80,7 +80,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from .render import Rasterizer  # noqa: PLC0415
 
     world = load_glb_in_world(args.glb)
-    capture = load_capture(_source(args.input), split=args.split)
+    source = _source(args.input)
+    split = args.split or ("test" if detect_format(source, "test") != "images" else "train")
+    capture = load_capture(source, split=split)
     if capture.cameras is None or capture.masks is None:
         raise PipelineError(f"{args.input[0]} has no cameras or masks to compare against")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

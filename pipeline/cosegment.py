@@ -54,7 +54,7 @@ BINS = 32  # colour histogram bins per RGB channel
 SHARED = 0.5  # weight of the colour models shared by all photos against each photo's own
 SEED_COST = 5.0  # nats against the other label at a pixel where the photo observes an object/background point
 HULL_TRUST = 3.0  # nats in favour of "object" inside the hull's silhouette (after the first round)
-HULL_TOLERANCE = 0.06  # share of the views that may disagree with a voxel of the hull (bad masks)
+HULL_TOLERANCE = 0.08  # share of the views that may disagree with a voxel of the hull (bad masks), rounded
 _CAPACITY_SCALE = 1000.0  # graph-cut costs are integers: this many units per nat
 
 
@@ -416,7 +416,7 @@ def _hull_silhouettes(work: Cameras, size, labels, box, field=None, field_box=No
     centre, half = field_box if field is not None else box
     if field is None:
         field = carve_field(work, labels.astype(np.float32), centre - half, centre + half, 64,
-                            bad_view_tolerance=int(HULL_TOLERANCE * len(work)))
+                            bad_view_tolerance=round(HULL_TOLERANCE * len(work)))
     if not (field > 0.5).any():
         return None
     vertices, faces = hull_mesh(field)  # in the cube's [-1, 1]^3

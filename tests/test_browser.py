@@ -149,13 +149,23 @@ def test_upload_run_stop_run_preview_viewer_and_download(page):
     # Photos without masks and the camera source "camera file": refused after reading them. The
     # message is in one place (a toast), in the page's words; no output is marked "Error", the
     # gallery keeps the photos.
+    # The upload summary names, as soon as the files are dropped, every photo treated specially:
+    # here one of another size (resized, its camera following) and a file that is no photo.
     plain = OUT / "plain"
     plain.mkdir()
     for photo in sorted((LEGO / "train").glob("*.png")):
         Image.open(photo).convert("RGB").save(plain / photo.name)
+    first = sorted(plain.iterdir())[0]
+    Image.open(first).resize((64, 64)).save(first)
+    (OUT / "notes.jpg").write_text("not a photo")
     page.locator("#uploads input[type=file]").set_input_files(
-        [str(f) for f in sorted(plain.iterdir())] + [str(LEGO / "transforms_train.json")])
-    page.locator("#upload-summary").get_by_text("24 photo(s)").wait_for()
+        [str(f) for f in sorted(plain.iterdir())] + [str(LEGO / "transforms_train.json"), str(OUT / "notes.jpg")])
+    summary = page.locator("#upload-summary")
+    summary.get_by_text("24 photo(s)").wait_for()
+    summary.get_by_text("notes.jpg").wait_for()
+    text = summary.inner_text()
+    assert f"{first.name} (64x64)" in text and "resized to the most common" in text, text
+    assert "not a photo" in text and "/tmp" not in text, text
     page.get_by_label("Camera source").click()
     page.get_by_role("option", name="camera file").click()
     page.locator("#run").click()

@@ -1,6 +1,7 @@
 """End to end on CPU: posed captures -> textured GLB, measured against held-out photos and true shapes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,13 @@ def test_cli_reconstruct_and_eval(tmp_path):
     # Against itself a crumpled surface scores below 1: a sample's nearest sample on the other copy can lie on
     # a neighbouring face turned far away.
     assert report["normal_consistency"] > 0.9 and 0 <= report["fold_over_pct"] <= report["crease_pct"] <= 100
+    # A capture without a test split is compared on all its views (the default split follows the capture).
+    only_train = tmp_path / "only_train"
+    shutil.copytree(LEGO, only_train, ignore=shutil.ignore_patterns("transforms_test.json", "test"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "eval", str(out), str(only_train), "--json"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["views"] == len(json.loads((LEGO / "transforms_train.json").read_text())["frames"])
 
 
 @pytest.mark.parametrize("fails_at", [128, 64])
