@@ -165,7 +165,7 @@ def test_upload_run_stop_run_preview_viewer_and_download(page):
     summary.get_by_text("notes.jpg").wait_for()
     text = summary.inner_text()
     assert f"{first.name} (64x64)" in text and "resized to the most common" in text, text
-    assert "not a photo" in text and "/tmp" not in text, text
+    assert "notes.jpg: named like a photo, but its content is text; left out" in text and "/tmp" not in text, text
     page.get_by_label("Camera source").click()
     page.get_by_role("option", name="camera file").click()
     page.locator("#run").click()
