@@ -48,7 +48,8 @@ INTRO = f"""# Photos to 3D
 Drop photos of one object taken from all around it (at least 3; 20-60 work best), with object masks
 (PNG alpha, or mask files named `<photo>_mask.png`) and a camera file ({CAMERA_FILE_HELP}) if you
 have them, or one .zip of such a capture folder. Without masks or cameras they are estimated from
-the photos (a plain background helps; with turntable photos, choose the turntable camera source).
+the photos (walk all the way round: the object is what every photo looks at, so a busy background
+works; with turntable photos, choose the turntable camera source).
 Then press **Run**: the preview shows the current render beside the photo, the bare surface grey and
 lit, and a turntable view of it.
 Or click an example below.
