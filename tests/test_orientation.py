@@ -8,6 +8,8 @@ shows it), some stored at another size. Loading brings all of them onto the 128x
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,19 @@ def test_upload_summary_names_every_photo_turned_resized_or_left_out_at_once(tmp
     assert "IMG_10.JPG (60x100)" in text and "stretched to 60x80" in text
     assert "resized to the most common, 60x80 (cameras follow): IMG_9.JPG (90x120)" in text  # turned, then resized
     assert "/tmp" not in text.replace(str(tmp_path), "<tmp>")  # names the user knows, not upload paths
+
+
+@pytest.mark.parametrize("kind", ["turned", "sizes"])
+def test_the_cameras_file_written_loads_again_with_the_same_photos(captures, kind, tmp_path):
+    """The cameras.json a run writes refers to the photos as they are, not to the canvas: loading it
+    with the same photos gives the same canvas cameras."""
+    capture = captures[kind]
+    folder = tmp_path / kind
+    shutil.copytree(Path(capture.source).parent, folder)
+    moved = dataclasses.replace(capture, originals=[dataclasses.replace(o, path=folder / o.path.name)
+                                                    for o in capture.originals])
+    save_cameras_json(moved, None, folder / "cameras.json")
+    again = load_capture(folder)
+    np.testing.assert_allclose(again.cameras.intrinsics, capture.cameras.intrinsics, atol=1e-9)
+    np.testing.assert_allclose(again.cameras.world_to_camera, capture.cameras.world_to_camera, atol=1e-12)
+    np.testing.assert_array_equal(again.cameras.sizes, capture.cameras.sizes)

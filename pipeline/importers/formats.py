@@ -295,6 +295,18 @@ def read_cameras_json(path: Path, source: Source, warnings: list[str]) -> list[F
     return frames
 
 
+def _cameras_of_the_photos(cameras: Cameras, originals) -> Cameras:
+    """Canvas cameras -> the cameras of the photos they came from (as read: with or without EXIF)."""
+    unturned = cameras.turned(-np.array([o.turns for o in originals]))
+    sizes = []
+    for original, size in zip(originals, unturned.sizes):
+        try:
+            sizes.append(image_size(original.path, original.exif)[0])
+        except PipelineError:  # the photo is gone (a deleted upload): keep the canvas's size
+            sizes.append(tuple(size))
+    return unturned.resized(np.array(sizes))
+
+
 def save_cameras_json(
     capture_or_cameras: Union[Capture, Cameras],
     names: Optional[Sequence[str]],
@@ -314,8 +326,13 @@ def save_cameras_json(
 
     ``names`` are the image paths to store (default: ``capture.names`` of a Capture); ``mask_files``
     optional per-view mask paths (None entries are left out). Floats are written at full precision.
+    A Capture's cameras are written for its photos as they are (`Capture.originals`): turned back
+    from the canvas and sized to the photo, so that the file loads again with the same photos.
     """
     cameras = capture_or_cameras.cameras if isinstance(capture_or_cameras, Capture) else capture_or_cameras
+    originals = capture_or_cameras.originals if isinstance(capture_or_cameras, Capture) else None
+    if cameras is not None and originals is not None and len(originals) == len(cameras):
+        cameras = _cameras_of_the_photos(cameras, originals)
     if names is None and isinstance(capture_or_cameras, Capture):
         names = capture_or_cameras.names
     if cameras is None or names is None or len(names) != len(cameras):
