@@ -50,16 +50,8 @@ def main() -> None:
         capture = Capture(images=loaded.images, masks=None, cameras=loaded.cameras, names=loaded.names,
                           source=loaded.source, originals=loaded.originals)
         start = time.monotonic()
-        run = estimate_missing(capture, CamerasConfig(exclude_bad_masks=False))
-        log = []
-        while True:
-            try:
-                event = next(run)
-            except StopIteration as stop:
-                done = stop.value
-                break
-            if isinstance(event, (events.Metrics, events.Warning)):
-                log.append(repr(event)[:300])
+        seen, done = events.collect(estimate_missing(capture, CamerasConfig(exclude_bad_masks=False)))
+        log = [repr(event)[:300] for event in seen if isinstance(event, (events.Metrics, events.Warning))]
         seconds = time.monotonic() - start
     height, width = done.resolution
     truth = np.stack([np.asarray(Image.open(folder / "masks" / f"{Path(n).stem}.png").convert("L")

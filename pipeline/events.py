@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Generator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -58,3 +58,14 @@ class Result:
 
 
 Event = Union[StageStarted, StageFinished, Progress, Preview, Metrics, Warning, Result]
+
+
+def collect(events: Generator[Event, None, Any]) -> Tuple[List[Event], Any]:
+    """Run a stage's event generator (such as `reconstruct.estimate_missing`) to its end: (every
+    event it yielded, the value it returned)."""
+    seen: List[Event] = []
+    while True:
+        try:
+            seen.append(next(events))
+        except StopIteration as stop:
+            return seen, stop.value

@@ -13,6 +13,7 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
+from pipeline import events
 from pipeline.capture import Capture
 from pipeline.config import CamerasConfig
 from pipeline.reconstruct import estimate_missing
@@ -55,13 +56,6 @@ def on_photographs(capture: Capture, seed: int = 0, over_white: bool = True) -> 
 def masks_on_clutter(capture, truth):
     """(the capture completed by `estimate_missing`, mask IoU per view against ``truth``, its events)."""
     config = CamerasConfig(exclude_bad_masks=False)
-    gen = estimate_missing(capture, config)
-    seen = []
-    while True:
-        try:
-            seen.append(next(gen))
-        except StopIteration as stop:
-            done = stop.value
-            break
+    seen, done = events.collect(estimate_missing(capture, config))
     iou = ((done.masks > 0.5) & truth).sum((1, 2)) / ((done.masks > 0.5) | truth).sum((1, 2))
     return done, iou, seen

@@ -96,16 +96,8 @@ def test_when_most_estimated_masks_look_wrong_all_are_kept_and_the_message_says_
         return est
 
     monkeypatch.setattr(masks_mod, "estimate_masks", all_flagged)
-    run = estimate_missing(bare, CamerasConfig(masks="classical"))
-    warnings = []
-    while True:
-        try:
-            event = next(run)
-        except StopIteration as stop:
-            done = stop.value
-            break
-        if isinstance(event, events.Warning):
-            warnings.append(event.message)
+    seen, done = events.collect(estimate_missing(bare, CamerasConfig(masks="classical")))
+    warnings = [event.message for event in seen if isinstance(event, events.Warning)]
     assert len(done) == 12 and done.masks.shape == (12, 128, 128)
     text = " ".join(warnings)
     assert "12 of 12 estimated masks look wrong" in text and "kept them all" in text and capture.names[0] in text

@@ -9,6 +9,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.config import RefineConfig
+from pipeline.events import collect
 from pipeline.hull import carve_visual_hull, hull_mesh
 from pipeline.mesh import TexturedMesh
 from pipeline.refine.topology import TetGrid, euler_characteristic, fit_topology, sdf_from_hull
@@ -47,15 +48,6 @@ def revolve(profile, closed: bool, segments: int = 64, texture_size: int = 128) 
     return TexturedMesh(positions.astype(np.float32), np.ascontiguousarray(faces, np.int32),
                         np.stack([u, v], -1).reshape(-1, 2).astype(np.float32),
                         np.ascontiguousarray(faces_uv, np.int32), texture.astype(np.float32))
-
-
-def run(generator):
-    events = []
-    while True:
-        try:
-            events.append(next(generator))
-        except StopIteration as stop:
-            return events, stop.value
 
 
 def test_marching_tets_on_a_sphere_is_closed_outward_and_close():
@@ -130,13 +122,13 @@ def test_a_torus_comes_back_with_its_hole_from_a_start_with_the_hole_closed():
     assert welded_euler(*hull_mesh(start)) == 2, "the starting shape must have genus 0"
     config = RefineConfig(topology_steps=40, topology_grid_resolution=24, topology_render_resolution=64,
                           topology_views_per_step=4)
-    events, (vertices, faces) = run(fit_topology(start, capture.cameras, capture.images, capture.masks, config,
+    seen, (vertices, faces) = collect(fit_topology(start, capture.cameras, capture.images, capture.masks, config,
                                                  rasterizer))
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
     assert welded_euler(vertices, faces) == 0  # genus 1
     assert len(mesh.split(only_watertight=False)) == 1
-    metrics = [e for e in events if type(e).__name__ == "Metrics"][-1].values
+    metrics = [e for e in seen if type(e).__name__ == "Metrics"][-1].values
     assert metrics["topology_euler_characteristic"] == 0 and metrics["topology_faces"] == len(faces)
 
 
@@ -163,7 +155,7 @@ def test_a_cup_seen_from_above_gets_its_inside_back():
     hull_distance = inside_distance(*hull_mesh(field))
     config = RefineConfig(topology_steps=150, topology_grid_resolution=32, topology_render_resolution=64,
                           topology_views_per_step=4)
-    _, (vertices, faces) = run(fit_topology(field, capture.cameras, capture.images, capture.masks, config, rasterizer))
+    _, (vertices, faces) = collect(fit_topology(field, capture.cameras, capture.images, capture.masks, config, rasterizer))
     distance = inside_distance(vertices, faces)
     print(f"cup inside: hull {hull_distance:.3f}, topology pass {distance:.4f} of the diagonal")
     assert hull_distance > 0.10

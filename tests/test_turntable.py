@@ -90,13 +90,8 @@ def test_bad_settings_say_what_to_give():
 def test_reconstruct_estimates_masks_and_turntable_cameras_as_events():
     lego = load_capture(Path(__file__).parent / "fixtures" / "lego_128")
     photos = Capture(images=lego.images[:8], masks=None, cameras=None, names=lego.names[:8])
-    gen = estimate_missing(photos, CamerasConfig(source="turntable", turntable_elevation_deg=25.0, fov_deg=40.0))
-    collected = []
-    try:
-        while True:
-            collected.append(next(gen))
-    except StopIteration as stop:
-        capture = stop.value
+    collected, capture = events.collect(
+        estimate_missing(photos, CamerasConfig(source="turntable", turntable_elevation_deg=25.0, fov_deg=40.0)))
     assert capture.masks is not None and capture.cameras is not None and len(capture) == 8
     assert any(isinstance(e, events.Metrics) and "mask_quality_mean" in e.values for e in collected)
     assert any(isinstance(e, events.Progress) and "turntable" in e.message for e in collected)
