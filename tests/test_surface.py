@@ -65,6 +65,19 @@ def test_parametrisation_round_trips_and_backward_is_dense_solve():
     assert finite_difference == pytest.approx(float((gradient * direction).sum()), rel=1e-6)
 
 
+def test_parametrisation_at_lambda_zero_is_the_vertices_without_a_solve():
+    vertices, faces = _sphere(1)
+    param = SmoothParametrisation(vertices, faces, lambda_=0.0)
+    assert param.system is None and param.vertices() is param.u and param.u.is_leaf
+    torch.testing.assert_close(param.vertices().detach(), vertices)
+    weights = torch.randn(vertices.shape, generator=torch.Generator().manual_seed(4))
+    (param.vertices() * weights).sum().backward()
+    torch.testing.assert_close(param.u.grad, weights)
+    moved = param.rebuild(vertices + 1.0, faces)  # a remesh: a new leaf at the new vertices
+    assert moved is param.u and moved.is_leaf and moved.grad is None
+    torch.testing.assert_close(param.vertices().detach(), vertices + 1.0)
+
+
 def test_uniform_adam_takes_one_scale_for_the_whole_tensor():
     param = torch.zeros(4, 3, requires_grad=True)
     optimizer = UniformAdam([param], lr=0.1)

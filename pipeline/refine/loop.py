@@ -121,7 +121,7 @@ def refine(
     if 0 in remesh_at:
         surface.remesh(remesh_at.pop(0))
     with torch.no_grad():  # one solve of the parametrisation, not one per use
-        start = surface.vertices()
+        start = surface.vertices().detach()
     projector = PhotoProjector(rasterizer, start, surface.faces, **full_views)
     colors, _ = projector(start, vertex_normals(start, surface.faces))
     colors.requires_grad_(True)
@@ -201,7 +201,7 @@ def refine(
         faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
         uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
         with torch.no_grad():
-            verts = surface.vertices()
+            verts = surface.vertices().detach()
         if adjust_poses:  # project the photos through the corrected cameras
             with torch.no_grad():
                 full_views["clip_from_world"] = poses.corrected(full_views["clip_from_world"])
@@ -230,7 +230,7 @@ def refine(
             "texture_setup_seconds": texture_setup_seconds})
 
         with torch.no_grad():
-            final_vertices = surface.vertices()
+            final_vertices = surface.vertices().detach()
         mesh = TexturedMesh(
             vertices=final_vertices.cpu().numpy().astype(np.float32),
             faces=faces_t.cpu().numpy().astype(np.int32),
@@ -271,7 +271,7 @@ class _Surface:
 
     def numpy(self) -> Tuple[np.ndarray, np.ndarray]:  # vertices [V, 3] float32, faces [F, 3] int64
         with torch.no_grad():
-            return self.vertices().cpu().numpy(), self.faces.cpu().numpy().astype(np.int64)
+            return self.vertices().detach().cpu().numpy(), self.faces.cpu().numpy().astype(np.int64)
 
     def remesh(self, face_count: int, geometry_optimizer: Optional[torch.optim.Optimizer] = None,
                optimizer: Optional[torch.optim.Optimizer] = None, colors: Optional[Tensor] = None):

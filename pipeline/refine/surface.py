@@ -151,6 +151,10 @@ class SmoothParametrisation:
         assert vertices.dim() == 2 and vertices.shape[1] == 3, vertices.shape
         assert faces.dim() == 2 and faces.shape[1] == 3, faces.shape
         vertices = vertices.detach()
+        if self.lambda_ == 0:  # M = I: the vertices themselves, no system and no solve per step
+            self.system = None
+            self.u = vertices.clone().requires_grad_(True)
+            return self.u
         self.system = SmoothingSystem(faces, len(vertices), self.lambda_, vertices.device, vertices.dtype)
         self.u = self.system.apply(vertices).requires_grad_(True)
         self._last_vertices = vertices.clone()
@@ -158,7 +162,7 @@ class SmoothParametrisation:
         return self.u
 
     def vertices(self) -> Tensor:  # [V, 3], differentiable with respect to .u
-        return _FromDifferential.apply(self.u, self)
+        return self.u if self.system is None else _FromDifferential.apply(self.u, self)
 
 
 class UniformAdam(torch.optim.Optimizer):
