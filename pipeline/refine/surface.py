@@ -55,6 +55,25 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-we
     return F.normalize(normals, dim=1)
 
 
+class _AlongNormals(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vertices: Tensor, normals: Tensor) -> Tensor:
+        ctx.save_for_backward(normals)
+        return vertices.view_as(vertices)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (normals,) = ctx.saved_tensors
+        return (grad * normals).sum(1, keepdim=True) * normals, None
+
+
+def along_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3], [F, 3] -> [V, 3]
+    """The vertices unchanged, but their gradient keeps only its component along each vertex's normal
+    (taken at these positions, not differentiated): a step can move the surface in and out but not
+    slide vertices over it, which is how photometric gradients crumple a mesh."""
+    return _AlongNormals.apply(vertices, vertex_normals(vertices.detach(), faces))
+
+
 # --- Large Steps ---------------------------------------------------------------------------------
 
 
@@ -344,10 +363,12 @@ def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3], [F, 3] -
     return F.normalize(torch.cross(v1 - v0, v2 - v0, dim=1), dim=1)
 
 
-def normal_consistency_loss(vertices: Tensor, adjacency: FaceAdjacency) -> Tensor:
-    """mean over adjacent face pairs of (1 - cos(angle between their normals))^2 (Neural Deferred
-    Shading's form): 0 on a flat or smoothly bent surface, up to 4 for a pair folded onto itself.
+def normal_consistency_loss(vertices: Tensor, adjacency: FaceAdjacency, free_angle: float = 0.0) -> Tensor:
+    """mean over adjacent face pairs of relu(cos(free_angle) - cos(angle between their normals))^2; at
+    ``free_angle`` 0 Neural Deferred Shading's (1 - cos)^2: 0 on a flat or smoothly bent surface, up
+    to 4 for a pair folded onto itself. A ``free_angle`` (degrees) leaves pairs bent less than it
+    alone, so real edges and detail keep their shape while creases and folds are still pulled flat.
     vertices [V, 3] (differentiable); returns a scalar."""
     normals = face_normals(vertices, adjacency.faces)
     cosine = (normals[adjacency.pairs[:, 0]] * normals[adjacency.pairs[:, 1]]).sum(1)
-    return ((1.0 - cosine) ** 2).mean()
+    return F.relu(float(np.cos(np.radians(free_angle))) - cosine).square().mean()
