@@ -119,7 +119,7 @@ def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", m
         "loop_ms_per_iter": loop_ms, "loop_over_raw": loop_ms / raw_ms,
         "geometry_ms_per_step": info["geometry_ms_per_step"], "texture_ms_per_step": info["texture_ms_per_step"],
         "setup_seconds": info["setup_seconds"], "atlas_wait_seconds": info["atlas_wait_seconds"],
-        "texture_setup_seconds": info["texture_setup_seconds"],
+        "texture_setup_seconds": info["texture_setup_seconds"], "remesh_seconds": info["remesh_seconds"],
         "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
         "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"],
     }

@@ -7,7 +7,7 @@ import torch
 import trimesh
 
 from pipeline.errors import PipelineError
-from pipeline.refine.surface import (FaceAdjacency, along_normals, SmoothingSystem, SmoothParametrisation, UniformAdam,
+from pipeline.refine.surface import (FaceAdjacency, SmoothingSystem, SmoothParametrisation, UniformAdam,
                                      carry_vertex_attributes, face_normals, normal_consistency_loss, remesh,
                                      swap_parameter, target_edge_length)
 
@@ -187,19 +187,6 @@ def test_normal_prior_with_a_free_angle_leaves_gentle_bends_alone_and_still_pull
     assert float(loss) > 0.01
     loss.backward()
     assert folded.grad[0].norm() > 0 and folded.grad[0] @ folded.detach()[0] < 0  # pushed back out
-
-
-def test_along_normals_keeps_the_vertices_and_only_the_normal_part_of_their_gradient():
-    vertices, faces = _sphere(2)  # unit sphere: each vertex normal is about the vertex itself
-    vertices.requires_grad_(True)
-    tangent = torch.linalg.cross(vertices.detach(), torch.tensor([[0.0, 0.0, 1.0]]).expand_as(vertices), dim=1)
-    moved = along_normals(vertices, faces)
-    torch.testing.assert_close(moved, vertices.detach())
-    (moved * (tangent + 2.0 * vertices.detach())).sum().backward()  # a sideways pull plus an outward one
-    normals = vertices.detach() / vertices.detach().norm(dim=1, keepdim=True)
-    sideways = vertices.grad - (vertices.grad * normals).sum(1, keepdim=True) * normals
-    assert float(sideways.norm(dim=1).max()) < 0.05
-    assert float((vertices.grad * normals).sum(1).min()) > 1.9
 
 
 def test_large_steps_fits_cube_silhouettes_without_folding_where_plain_adam_folds():

@@ -26,8 +26,8 @@ from ..render import Rasterizer
 from ..uv import UnwrapJob
 from .appearance import PhotoProjector, texture_smoothness
 from .poses import PoseCorrections
-from .surface import (FaceAdjacency, SmoothParametrisation, UniformAdam, UniformLaplacian, along_normals,
-                      nearest_vertices, normal_consistency_loss, remesh, swap_parameter, target_edge_length, vertex_normals)
+from .surface import (FaceAdjacency, SmoothParametrisation, UniformAdam, UniformLaplacian, nearest_vertices,
+                      normal_consistency_loss, remesh, swap_parameter, target_edge_length, vertex_normals)
 from .topology import fit_topology
 
 STAGE = "refine"
@@ -153,16 +153,14 @@ def refine(
             optimizer.param_groups[0]["lr"] = config.texture_lr * decay
             if adjust_poses:
                 optimizer.param_groups[1]["lr"] = config.pose_lr * decay
-            shape = verts = surface.vertices()
-            if config.geometry_along_normals:  # the photos' gradients only; the priors may still even it out
-                verts = along_normals(shape, surface.faces)
+            verts = surface.vertices()
             views, background = schedule[step], backgrounds[step]
             rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
             target_alpha = alphas[views]
             target = photos[views] * target_alpha + background * (1 - target_alpha)
             loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
-                    + config.normal_weight * normal_consistency_loss(shape, surface.adjacency, config.normal_free_angle)
-                    + config.smoothness * surface.laplacian(shape).square().sum(1).mean()
+                    + config.normal_weight * normal_consistency_loss(verts, surface.adjacency, config.normal_free_angle)
+                    + config.smoothness * surface.laplacian(verts).square().sum(1).mean()
                     + config.texture_smoothness * texture_smoothness(appearance))
             geometry_optimizer.zero_grad(set_to_none=True)
             optimizer.zero_grad(set_to_none=True)

@@ -55,25 +55,6 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-we
     return F.normalize(normals, dim=1)
 
 
-class _AlongNormals(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, vertices: Tensor, normals: Tensor) -> Tensor:
-        ctx.save_for_backward(normals)
-        return vertices.view_as(vertices)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (normals,) = ctx.saved_tensors
-        return (grad * normals).sum(1, keepdim=True) * normals, None
-
-
-def along_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3], [F, 3] -> [V, 3]
-    """The vertices unchanged, but their gradient keeps only its component along each vertex's normal
-    (taken at these positions, not differentiated): a step can move the surface in and out but not
-    slide vertices over it, which is how photometric gradients crumple a mesh."""
-    return _AlongNormals.apply(vertices, vertex_normals(vertices.detach(), faces))
-
-
 # --- Large Steps ---------------------------------------------------------------------------------
 
 
