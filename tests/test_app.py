@@ -39,7 +39,9 @@ PREVIEW, LOG = RUN_OUTPUTS.index("preview"), RUN_OUTPUTS.index("log")
 
 @pytest.fixture(scope="module")
 def client(launched_app):
-    c = Client(launched_app[1], verbose=False)
+    # Gradio answers a cancel once the handler's current step ends: after a 5000 px photo's ingest
+    # that took 8 s on 2 cores, past httpx's default 5 s.
+    c = Client(launched_app[1], verbose=False, httpx_kwargs={"timeout": 60})
     yield c
     c.close()
 
