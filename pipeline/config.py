@@ -47,7 +47,8 @@ class HullConfig:
 @dataclass
 class RefineConfig:
     iterations: int = param(800, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
-    geometry_lr: float = param(5e-3, "Learning rate of the surface (its smooth parametrisation, scene units)",
+    geometry_lr: float = param(5e-3, "Learning rate of the surface (scene units per step; of its smooth "
+                               "parametrisation when the smoothing lambda is above 0)",
                                0.0, 0.2, 1e-3)
     texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
     smoothness: float = param(2.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)

@@ -77,8 +77,9 @@ def refine(
        step is a smooth deformation; at 0 (the default: sharper, and 2.5x faster per step on lego)
        they move as they are. The surface is remeshed toward an even edge length (coarse first,
        then at ``config.mesh_faces``) so triangles stay well shaped as it moves; a normal-consistency
-       term on bends past ``config.normal_free_angle`` keeps neighbouring faces from folding. After the last remesh the connectivity is
-       final and the UV atlas is computed in another process while the geometry pass goes on;
+       term on bends past ``config.normal_free_angle`` keeps neighbouring faces from folding. After
+       the last remesh the connectivity is final and the UV atlas is computed in another process
+       while the geometry pass goes on;
     2. texture: the photos are projected into the atlas on the refined surface, then positions and
        texture are optimised together.
 
