@@ -47,23 +47,23 @@ class HullConfig:
 @dataclass
 class RefineConfig:
     iterations: int = param(800, "Optimisation steps (first half geometry, second half geometry and texture)", 0, 10000, 50)
-    geometry_lr: float = param(5e-3, "Learning rate of the surface (scene units per step; of its smooth "
+    geometry_lr: float = param(1e-2, "Learning rate of the surface (scene units per step; of its smooth "
                                "parametrisation when the smoothing lambda is above 0)",
                                0.0, 0.2, 1e-3)
     texture_lr: float = param(3e-2, "Learning rate of the texture atlas", 0.0, 0.2, 1e-3)
     smoothness: float = param(2.0, "Weight of the Laplacian smoothness prior on the surface", 0.0, 200.0, 0.5)
-    smoothing_lambda: float = param(0.0, "How smooth each geometry step is (lambda of the Large Steps "
+    smoothing_lambda: float = param(5.0, "How smooth each geometry step is (lambda of the Large Steps "
                                     "parametrisation (I + lambda L); 0 = raw vertex steps)", 0.0, 200.0, 1.0)
     geometry_optimizer: str = param("adam", "Steps of the smooth parametrisation: Adam per coordinate (adam) or "
                                     "one step size for the whole surface (uniform, Large Steps' AdamUniform)",
                                     choices=("adam", "uniform"))
-    normal_weight: float = param(0.05, "Weight of the normal-consistency prior (neighbouring faces agree; "
+    normal_weight: float = param(0.1, "Weight of the normal-consistency prior (neighbouring faces agree; "
                                  "against folds and creases)", 0.0, 10.0, 0.01)
-    normal_free_angle: float = param(30.0, "Normal prior: neighbouring faces bent less than this are left free "
+    normal_free_angle: float = param(0.0, "Normal prior: neighbouring faces bent less than this are left free "
                                      "(degrees; 0 = every bend counts)", 0.0, 85.0, 5.0)
-    remesh_passes: int = param(3, "Times the surface is remeshed to even triangles during the geometry pass, "
+    remesh_passes: int = param(2, "Times the surface is remeshed to even triangles during the geometry pass, "
                                "each finer, the last at 'Mesh faces' (0 = keep the hull's triangles)", 0, 6, 1)
-    remesh_iterations: int = param(2, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)
+    remesh_iterations: int = param(3, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
     mask_weight: float = param(1.0, "Weight of the silhouette (mask) loss", 0.0, 10.0, 0.1)
     render_resolution: int = param(512, "Longer side of the renders compared with the photos (pixels; at most the photos')", 64, 2048, 32)

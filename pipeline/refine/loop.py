@@ -73,9 +73,9 @@ def refine(
        into concavities the silhouettes cannot see (`topology.fit_topology`); its surface replaces
        the starting one;
     1. geometry: vertex positions with per-vertex colours. With ``config.smoothing_lambda`` > 0
-       positions move in Large Steps' parametrisation (`surface.SmoothParametrisation`), so every
-       step is a smooth deformation; at 0 (the default: sharper, and 2.5x faster per step on lego)
-       they move as they are. The surface is remeshed toward an even edge length (coarse first,
+       (the default) positions move in Large Steps' parametrisation (`surface.SmoothParametrisation`),
+       so every step is a smooth deformation; at 0 they move as they are (2.5x faster per step and
+       sharper on lego, but lumpy on a real capture: docs/BENCHMARKS.md, 2026-12-02). The surface is remeshed toward an even edge length (coarse first,
        then at ``config.mesh_faces``) so triangles stay well shaped as it moves; a normal-consistency
        term on bends past ``config.normal_free_angle`` keeps neighbouring faces from folding. After
        the last remesh the connectivity is final and the UV atlas is computed in another process
