@@ -76,6 +76,8 @@ def test_parametrisation_at_lambda_zero_is_the_vertices_without_a_solve():
     moved = param.rebuild(vertices + 1.0, faces)  # a remesh: a new leaf at the new vertices
     assert moved is param.u and moved.is_leaf and moved.grad is None
     torch.testing.assert_close(param.vertices().detach(), vertices + 1.0)
+    with torch.no_grad():  # as a solve's result would be: no grad, safe for .numpy()
+        assert not param.vertices().requires_grad
 
 
 def test_uniform_adam_takes_one_scale_for_the_whole_tensor():

@@ -75,11 +75,12 @@ def refine(
     1. geometry: vertex positions with per-vertex colours. With ``config.smoothing_lambda`` > 0
        (the default) positions move in Large Steps' parametrisation (`surface.SmoothParametrisation`),
        so every step is a smooth deformation; at 0 they move as they are (2.5x faster per step and
-       sharper on lego, but lumpy on a real capture: docs/BENCHMARKS.md, 2026-12-02). The surface is remeshed toward an even edge length (coarse first,
-       then at ``config.mesh_faces``) so triangles stay well shaped as it moves; a normal-consistency
-       term on bends past ``config.normal_free_angle`` keeps neighbouring faces from folding. After
-       the last remesh the connectivity is final and the UV atlas is computed in another process
-       while the geometry pass goes on;
+       sharper on lego, but lumpy on a real capture: docs/BENCHMARKS.md, 2026-12-02). The surface
+       is remeshed toward an even edge length (coarse first, then at ``config.mesh_faces``) so
+       triangles stay well shaped as it moves; a normal-consistency term on bends past
+       ``config.normal_free_angle`` keeps neighbouring faces from folding. After the last remesh the
+       connectivity is final and the UV atlas is computed in another process while the geometry
+       pass goes on;
     2. texture: the photos are projected into the atlas on the refined surface, then positions and
        texture are optimised together.
 
@@ -123,7 +124,7 @@ def refine(
     if 0 in remesh_at:
         surface.remesh(remesh_at.pop(0))
     with torch.no_grad():  # one solve of the parametrisation, not one per use
-        start = surface.vertices().detach()
+        start = surface.vertices()
     projector = PhotoProjector(rasterizer, start, surface.faces, **full_views)
     colors, _ = projector(start, vertex_normals(start, surface.faces))
     colors.requires_grad_(True)
@@ -161,7 +162,8 @@ def refine(
             target_alpha = alphas[views]
             target = photos[views] * target_alpha + background * (1 - target_alpha)
             loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
-                    + config.normal_weight * normal_consistency_loss(verts, surface.adjacency, config.normal_free_angle)
+                    + config.normal_weight * normal_consistency_loss(verts, surface.adjacency,
+                                                                     config.normal_free_angle)
                     + config.smoothness * surface.laplacian(verts).square().sum(1).mean()
                     + config.texture_smoothness * texture_smoothness(appearance))
             geometry_optimizer.zero_grad(set_to_none=True)
@@ -203,7 +205,7 @@ def refine(
         faces_uv_t = torch.from_numpy(faces_uv).to(device=device, dtype=torch.int32)
         uvs_t = torch.from_numpy(uvs).to(device=device, dtype=torch.float32)
         with torch.no_grad():
-            verts = surface.vertices().detach()
+            verts = surface.vertices()
         if adjust_poses:  # project the photos through the corrected cameras
             with torch.no_grad():
                 full_views["clip_from_world"] = poses.corrected(full_views["clip_from_world"])
@@ -232,7 +234,7 @@ def refine(
             "texture_setup_seconds": texture_setup_seconds})
 
         with torch.no_grad():
-            final_vertices = surface.vertices().detach()
+            final_vertices = surface.vertices()
         mesh = TexturedMesh(
             vertices=final_vertices.cpu().numpy().astype(np.float32),
             faces=faces_t.cpu().numpy().astype(np.int32),
@@ -273,7 +275,7 @@ class _Surface:
 
     def numpy(self) -> Tuple[np.ndarray, np.ndarray]:  # vertices [V, 3] float32, faces [F, 3] int64
         with torch.no_grad():
-            return self.vertices().detach().cpu().numpy(), self.faces.cpu().numpy().astype(np.int64)
+            return self.vertices().cpu().numpy(), self.faces.cpu().numpy().astype(np.int64)
 
     def remesh(self, face_count: int, geometry_optimizer: Optional[torch.optim.Optimizer] = None,
                optimizer: Optional[torch.optim.Optimizer] = None, colors: Optional[Tensor] = None):

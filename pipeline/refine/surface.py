@@ -161,8 +161,10 @@ class SmoothParametrisation:
         self._last_gradient: Optional[Tensor] = None
         return self.u
 
-    def vertices(self) -> Tensor:  # [V, 3], differentiable with respect to .u
-        return self.u if self.system is None else _FromDifferential.apply(self.u, self)
+    def vertices(self) -> Tensor:  # [V, 3], differentiable with respect to .u (when grad is enabled)
+        if self.system is None:  # lambda 0: .u itself, detached under no_grad as a solve's result would be
+            return self.u if torch.is_grad_enabled() else self.u.detach()
+        return _FromDifferential.apply(self.u, self)
 
 
 class UniformAdam(torch.optim.Optimizer):
