@@ -148,7 +148,17 @@ def run(url: str, files: list[Path], **settings):
 
 
 def session_folders(temp: Path) -> list[Path]:
-    return [p for root in temp.rglob("photo3d-sessions-*") for p in root.iterdir() if p.is_dir()]
+    """The server's session folders under `temp`. Folders come and go while this looks (a job's
+    run folder goes when it fails, a session's when its client closes): os.walk skips a folder
+    that vanished mid-walk, where Path.rglob raises."""
+    return [Path(top, name) for top, dirs, _ in os.walk(temp) if Path(top).name.startswith("photo3d-sessions-")
+            for name in dirs]
+
+
+def model_glbs(folder: Path) -> list[Path]:
+    """The textured GLBs in one session folder (not the grey copies beside them), sorted."""
+    return sorted(Path(top, name) for top, _, files in os.walk(folder) for name in files
+                  if name.endswith(".glb") and not name.endswith("_shaded.glb"))
 
 
 def settled_rss(pid: int) -> int:
@@ -175,8 +185,7 @@ def test_eight_good_and_eight_bad_jobs_at_once(server, validate_glb):
         # Sessions are live until each client closes: look at their folders before then.
         session_glbs = []
         while not all(j.done() for j in good_jobs):
-            session_glbs = [sorted(p for p in folder.rglob("*.glb") if not p.name.endswith("_shaded.glb"))
-                            for folder in session_folders(temp)]
+            session_glbs = [model_glbs(folder) for folder in session_folders(temp)]
             time.sleep(0.5)
         good = [j.result() for j in good_jobs]
         bad_results = {case: j.result() for case, j in bad_jobs.items()}
