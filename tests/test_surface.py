@@ -45,10 +45,28 @@ def test_cg_solve_matches_dense_solve_warm_or_cold():
     assert set(torch.unique(dense[dense < 0]).tolist()) == {-19.0}
 
 
+def test_fixed_count_warm_started_solves_track_a_moving_right_hand_side():
+    """The optimisation's solves: a few iterations per step from the last solution keep v close to
+    M^-1 u while u moves by optimiser-sized steps (the residual does not build up)."""
+    vertices, faces = _sphere(3)
+    param = SmoothParametrisation(vertices, faces, lambda_=5.0)
+    system, generator = param.system, torch.Generator().manual_seed(5)
+    residuals = []
+    for _ in range(40):
+        with torch.no_grad():
+            param.u += 1e-3 * system.apply(torch.randn(vertices.shape, generator=generator))
+        residuals.append(float(system.relative_residual(param.vertices().detach(), param.u.detach()).max()))
+        assert system.iterations == param.forward_iterations
+    assert max(residuals[-10:]) < 1e-3
+    assert max(residuals[-10:]) <= 2 * max(residuals[:10])  # no drift over the steps
+    one_shot = system.solve(param.u.detach(), tol=None, max_iterations=param.forward_iterations)
+    assert float(system.relative_residual(one_shot, param.u.detach()).max()) > max(residuals[-10:])  # warm start pays
+
+
 def test_parametrisation_round_trips_and_backward_is_dense_solve():
     vertices, faces = _sphere(1)
     vertices = vertices.double()
-    param = SmoothParametrisation(vertices, faces, lambda_=5.0, tol=1e-10, max_iterations=500)
+    param = SmoothParametrisation(vertices, faces, lambda_=5.0, forward_iterations=200, backward_iterations=200)
     torch.testing.assert_close(param.vertices().detach(), vertices)
     weights = torch.randn(vertices.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (param.vertices() * weights).sum().backward()
