@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import shutil
@@ -40,12 +41,14 @@ OUT_OF_GPU_MEMORY = ("Out of GPU memory, even at half the render resolution. Low
 
 def preload(gpu: bool = True) -> None:
     """Import now what a first job would otherwise import on its clock: constructing a torch
-    optimizer imports ``torch._dynamo`` (about 3 s, once per process); pycolmap takes SIGTERM over
-    when imported (see `sfm.preload`); with ``gpu`` and a GPU, the renderer's kernels are loaded (the
-    triton backend's compiled: 19 s on an H200 with an empty cache, `mesh.warm_up`). The app calls
-    this at start, from its main thread, with ``gpu=False`` where CUDA must not be touched outside a
-    job (ZeroGPU)."""
+    optimizer imports ``torch._dynamo`` (about 3 s, once per process); the remesher's package,
+    gpytoolbox, imports scikit-image (1-2 s); pycolmap takes SIGTERM over when imported (see
+    `sfm.preload`); with ``gpu`` and a GPU, the renderer's kernels are loaded (the triton backend's
+    compiled: 19 s on an H200 with an empty cache, `mesh.warm_up`). The app calls this at start,
+    from its main thread, with ``gpu=False`` where CUDA must not be touched outside a job (ZeroGPU)."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    with contextlib.suppress(ImportError):  # missing, `refine.surface.remesh` says what to install
+        import gpytoolbox.remesh_botsch  # noqa: F401, PLC0415
     sfm.preload()
     if gpu and torch.cuda.is_available():
         warm_up(Rasterizer(backend="auto", device="cuda"))

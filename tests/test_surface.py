@@ -256,3 +256,21 @@ def test_large_steps_fits_cube_silhouettes_without_folding_where_plain_adam_fold
     assert fold_over_pct(smooth.numpy(), faces.numpy()) <= 1.0
     assert iou(raw.detach(), torch.tensor(start_faces)) > 0.85  # plain Adam fits too ...
     assert fold_over_pct(raw.detach().numpy(), start_faces) > 5.0  # ... by crumpling the surface
+
+
+def test_refinement_surface_ends_at_most_at_mesh_faces():
+    """A thin cylinder remeshes to far more faces than asked (its long slivers split); the final
+    remesh keeps to 'Mesh faces', closed and consistently wound, so the export can write the refined
+    atlas as it is. An intermediate one may land over its count."""
+    from pipeline.config import RefineConfig
+    from pipeline.refine.loop import _Surface
+
+    cylinder = trimesh.creation.cylinder(0.1, 2, sections=64)
+    surface = _Surface(np.asarray(cylinder.vertices, np.float32), np.asarray(cylinder.faces),
+                       RefineConfig(mesh_faces=4000), torch.device("cpu"))
+    surface.remesh(2000)
+    assert len(surface.faces) > 3000  # 6.9k faces for 2k asked
+    surface.remesh(4000)  # the final count
+    assert 3500 <= len(surface.faces) <= 4000
+    final = trimesh.Trimesh(*surface.numpy(), process=False)
+    assert final.is_watertight and final.is_winding_consistent
