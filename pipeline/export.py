@@ -123,7 +123,9 @@ def texture_png(texture: np.ndarray) -> bytes:  # texture [h, w, 3] float in [0,
         raise ValueError(f"texture must be float [h, w, 3] in [0, 1], got {texture.dtype} {texture.shape}")
     pixels = np.round(np.clip(texture.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)  # [h, w, 3] RGB
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    # zlib level 3, not PIL's 6: a third of the time (0.36 vs 1.04 s for a 2048^2 texture on one
+    # core) for a file 15% larger; the export waits on this encode.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 

@@ -43,6 +43,9 @@ def test_cg_solve_matches_dense_solve_warm_or_cold():
     dense = system.dense()  # M = I + lambda (D - A): rows sum to 1, off-diagonals -lambda
     torch.testing.assert_close(dense.sum(1), torch.ones(len(vertices)))
     assert set(torch.unique(dense[dense < 0]).tolist()) == {-19.0}
+    # both forms of M x (the CPU's sparse product, CUDA's gather and scatter) are the dense product
+    torch.testing.assert_close(system.apply_sparse(rhs), dense @ rhs)
+    torch.testing.assert_close(system.apply_edges(rhs), dense @ rhs)
 
 
 def test_fixed_count_warm_started_solves_track_a_moving_right_hand_side():
@@ -56,10 +59,10 @@ def test_fixed_count_warm_started_solves_track_a_moving_right_hand_side():
         with torch.no_grad():
             param.u += 1e-3 * system.apply(torch.randn(vertices.shape, generator=generator))
         residuals.append(float(system.relative_residual(param.vertices().detach(), param.u.detach()).max()))
-        assert system.iterations == param.forward_iterations
+        assert system.iterations == param.iterations["forward"]
     assert max(residuals[-10:]) < 1e-3
     assert max(residuals[-10:]) <= 2 * max(residuals[:10])  # no drift over the steps
-    one_shot = system.solve(param.u.detach(), tol=None, max_iterations=param.forward_iterations)
+    one_shot = system.solve(param.u.detach(), tol=None, max_iterations=param.iterations["forward"])
     assert float(system.relative_residual(one_shot, param.u.detach()).max()) > max(residuals[-10:])  # warm start pays
 
 

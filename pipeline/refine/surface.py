@@ -59,32 +59,49 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-we
 
 
 class SmoothingSystem:
-    """The SPD matrix M = I + lambda (D - A) of a mesh graph (sparse CSR, the vertices' device and dtype)
-    and its Jacobi-preconditioned conjugate-gradient solve for several right-hand sides at once."""
+    """The SPD matrix M = I + lambda (D - A) of a mesh graph and its Jacobi-preconditioned
+    conjugate-gradient solve for several right-hand sides at once (the vertices' device and dtype).
+
+    M x has two forms, held to each other and to ``dense()`` by the tests: a sparse CSR product
+    (`apply_sparse`, the CPU's: 5x faster there than index_add) and a gather and scatter-add over
+    the directed edges (`apply_edges`, CUDA's: plain indexing kernels, which a CUDA graph records,
+    `SmoothParametrisation`). ``apply`` picks by device."""
 
     def __init__(self, faces: Tensor, num_vertices: int, lambda_: float,  # faces [F, 3]
                  device: torch.device, dtype: torch.dtype = torch.float32):
         if lambda_ < 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
         edges = _undirected_edges(faces.to(device))
-        rows = torch.cat([edges[:, 0], edges[:, 1], torch.arange(num_vertices, device=device)])
-        cols = torch.cat([edges[:, 1], edges[:, 0], torch.arange(num_vertices, device=device)])
-        degree = torch.bincount(edges.reshape(-1), minlength=num_vertices).to(dtype)
-        diagonal = 1.0 + lambda_ * degree  # [V]
-        values = torch.cat([torch.full((2 * len(edges),), -lambda_, dtype=dtype, device=device), diagonal])
+        directed = torch.cat([edges, edges.flip(1)])  # [2E, 2] each edge both ways
+        self.vertex, self.neighbour = directed[:, 0].contiguous(), directed[:, 1].contiguous()
+        degree = torch.bincount(self.vertex, minlength=num_vertices).to(dtype)  # [V]
+        self.lambda_ = lambda_
+        self.diagonal = (1.0 + lambda_ * degree)[:, None]  # [V, 1]
+        self.inverse_diagonal = 1.0 / self.diagonal  # [V, 1]
+        self.num_vertices = num_vertices
+        diagonal_index = torch.arange(num_vertices, device=device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the mat-vec is all we use
             warnings.simplefilter("ignore", UserWarning)
-            self.matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values,
-                                                  (num_vertices, num_vertices)).coalesce().to_sparse_csr()
-        self.inverse_diagonal = (1.0 / diagonal)[:, None]  # [V, 1]
-        self.num_vertices = num_vertices
+            self.matrix = torch.sparse_coo_tensor(
+                torch.stack([torch.cat([self.vertex, diagonal_index]), torch.cat([self.neighbour, diagonal_index])]),
+                torch.cat([torch.full((len(directed),), -lambda_, dtype=dtype, device=device), self.diagonal[:, 0]]),
+                (num_vertices, num_vertices)).coalesce().to_sparse_csr()
         self.iterations = 0
 
     def apply(self, x: Tensor) -> Tensor:  # [V, C] -> M x  [V, C]
+        return self.apply_edges(x) if x.is_cuda else self.apply_sparse(x)
+
+    def apply_sparse(self, x: Tensor) -> Tensor:  # [V, C] -> M x  [V, C]
         return self.matrix @ x
 
+    def apply_edges(self, x: Tensor) -> Tensor:  # [V, C] -> M x  [V, C]
+        neighbour_sum = torch.zeros_like(x).index_add_(0, self.vertex, x.index_select(0, self.neighbour))
+        return self.diagonal * x - self.lambda_ * neighbour_sum
+
     def dense(self) -> Tensor:  # [V, V], for tests on small meshes
-        return self.matrix.to_dense()
+        matrix = torch.diag(self.diagonal[:, 0])
+        matrix[self.vertex, self.neighbour] = -self.lambda_
+        return matrix
 
     def solve(self, b: Tensor, x0: Optional[Tensor] = None,  # b [V, C], x0 [V, C] warm start
               tol: Optional[float] = 1e-5, max_iterations: int = 200, check_every: int = 8) -> Tensor:
@@ -122,21 +139,47 @@ class SmoothingSystem:
 
 
 class _FromDifferential(torch.autograd.Function):
-    """v = M^-1 u; the backward is M^-1 grad_v as M is symmetric. Both solves warm-start from the
-    previous step's solution and run a fixed number of iterations (no host sync)."""
+    """v = M^-1 u; the backward is M^-1 grad_v as M is symmetric (`SmoothParametrisation.solve`)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, owner: "SmoothParametrisation") -> Tensor:  # [V, 3] -> [V, 3]
         ctx.owner = owner
-        owner._last_vertices = owner.system.solve(u.detach(), owner._last_vertices, None, owner.forward_iterations)
+        owner._last_vertices = owner.solve("forward", u.detach(), owner._last_vertices)
         return owner._last_vertices.clone()
 
     @staticmethod
     def backward(ctx, grad_vertices: Tensor):
         owner = ctx.owner
-        owner._last_gradient = owner.system.solve(grad_vertices.contiguous(), owner._last_gradient, None,
-                                                  owner.backward_iterations)
+        owner._last_gradient = owner.solve("backward", grad_vertices.contiguous(), owner._last_gradient)
         return owner._last_gradient.clone(), None
+
+
+class _GraphedSolve:
+    """A fixed-count `SmoothingSystem.solve` recorded once as a CUDA graph: a call copies b and x0
+    in, replays, and returns a copy of x. Eager, each CG iteration is ~15 small kernels whose
+    launches, not their work, set the pace (docs/BENCHMARKS.md, bench/smoothing_solve.py)."""
+
+    def __init__(self, system: SmoothingSystem, shape: Tuple[int, int], iterations: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.b = torch.zeros(shape, device=device, dtype=dtype)
+        self.x0 = torch.zeros(shape, device=device, dtype=dtype)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # a first run outside the capture, as torch.cuda.graph asks
+            system.solve(self.b, self.x0, None, iterations)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.x = system.solve(self.b, self.x0, None, iterations)
+
+    def __call__(self, b: Tensor, x0: Optional[Tensor]) -> Tensor:  # [V, C], [V, C] or None -> [V, C]
+        self.b.copy_(b)
+        if x0 is None:
+            self.x0.zero_()
+        else:
+            self.x0.copy_(x0)
+        self.graph.replay()
+        return self.x.clone()
 
 
 class SmoothParametrisation:
@@ -147,15 +190,17 @@ class SmoothParametrisation:
     inexact: a fixed number of conjugate-gradient iterations, warm-started from the previous step's
     solution, so what one step leaves of the residual is the next step's starting point and v tracks
     M^-1 u as u moves (docs/BENCHMARKS.md: the residuals an optimisation keeps). A fixed count needs
-    no convergence test, whose host sync would stall the GPU twice a step. After the
+    no convergence test, whose host sync would stall the GPU twice a step; on CUDA each solve is
+    a recorded CUDA graph (``graphs``; eager where recording fails, with a warning). After the
     connectivity changes (a remesh) call ``.rebuild(vertices, faces)``: it makes a new ``.u`` leaf, which
     the optimiser must be given (`swap_parameter`). Device and dtype follow ``vertices`` (float32 is the
     intended dtype; float64 works for checking gradients)."""
 
     def __init__(self, vertices: Tensor, faces: Tensor, lambda_: float = 19.0,  # vertices [V, 3], faces [F, 3]
-                 forward_iterations: int = 12, backward_iterations: int = 16):
+                 forward_iterations: int = 12, backward_iterations: int = 16, graphs: bool = True):
         self.lambda_ = lambda_
-        self.forward_iterations, self.backward_iterations = forward_iterations, backward_iterations
+        self.iterations = {"forward": forward_iterations, "backward": backward_iterations}
+        self.use_graphs = graphs
         self.rebuild(vertices, faces)
 
     def rebuild(self, vertices: Tensor, faces: Tensor) -> Tensor:  # vertices [V, 3], faces [F, 3]
@@ -171,7 +216,23 @@ class SmoothParametrisation:
         self.u = self.system.apply(vertices).requires_grad_(True)
         self._last_vertices = vertices.clone()
         self._last_gradient: Optional[Tensor] = None
+        self._graphs = {}
+        if self.use_graphs and vertices.is_cuda:
+            try:
+                self._graphs = {kind: _GraphedSolve(self.system, tuple(vertices.shape), count, vertices.device,
+                                                    vertices.dtype) for kind, count in self.iterations.items()}
+            except RuntimeError as error:  # e.g. another capture under way on this device
+                warnings.warn(f"Large Steps solves run eagerly (slower): recording a CUDA graph failed: {error}")
+                self.use_graphs = False
         return self.u
+
+    def solve(self, kind: str, b: Tensor, x0: Optional[Tensor]) -> Tensor:  # b [V, 3], x0 [V, 3] or None
+        """The ``kind`` ("forward": v from u, "backward": the gradient's) fixed-count solve, warm-started
+        from ``x0``; a CUDA graph's replay where one was recorded."""
+        graph = self._graphs.get(kind)
+        if graph is not None:
+            return graph(b, x0)
+        return self.system.solve(b, x0, None, self.iterations[kind])
 
     def vertices(self) -> Tensor:  # [V, 3], differentiable with respect to .u (when grad is enabled)
         if self.system is None:  # lambda 0: .u itself, detached under no_grad as a solve's result would be
