@@ -122,6 +122,7 @@ def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", m
         "texture_setup_seconds": info["texture_setup_seconds"], "remesh_seconds": info["remesh_seconds"],
         "refine_faces": info["faces"], "peak_gpu_mem_gb": peak,
         "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"],
+        "inside_out_pct": result.metrics["inside_out_pct"],
     }
 
 
@@ -160,7 +161,8 @@ def bench_mesh(data: Path, name: str, obj: str, config, out: Path) -> dict:
             "chamfer_l1_pct_diag": scores["chamfer_l1_pct_diag"], "fscore_1pct": scores["fscore_1pct"],
             "chamfer_l1": scores["chamfer_l1"], "bbox_diag": scores["bbox_diag"],
             "normal_consistency": scores["normal_consistency"],
-            "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"]}
+            "fold_over_pct": surface["fold_over_pct"], "crease_pct": surface["crease_pct"],
+            "inside_out_pct": result.metrics["inside_out_pct"]}
 
 
 def profile_lego(data: Path, config, out: Path, path: Path) -> None:

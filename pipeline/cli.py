@@ -75,7 +75,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from .evaluate import geometry_scores, render_views, score_views, surface_quality  # noqa: PLC0415
+    from .evaluate import geometry_scores, inside_out_pct, render_views, score_views, surface_quality  # noqa: PLC0415
     from .export import load_glb_in_world  # noqa: PLC0415
     from .render import Rasterizer  # noqa: PLC0415
 
@@ -92,6 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
     report = {"views": len(capture), **{f"heldout_{k}": v for k, v in means.items()}}
     surface = surface_quality(world.vertices, world.faces)
     report.update({key: surface[key] for key in ("fold_over_pct", "crease_pct")})
+    report["inside_out_pct"] = inside_out_pct(world.vertices, world.faces, capture.cameras, capture.images.shape[1:3],
+                                              rasterizer)
     if args.gt:
         import trimesh  # noqa: PLC0415
 

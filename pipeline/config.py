@@ -61,6 +61,9 @@ class RefineConfig:
                                  "against folds and creases)", 0.0, 10.0, 0.01)
     normal_free_angle: float = param(0.0, "Normal prior: neighbouring faces bent less than this are left free "
                                      "(degrees; 0 = every bend counts)", 0.0, 85.0, 5.0)
+    inside_out_weight: float = param(1.0, "Weight of the push that keeps the surface from passing through "
+                                     "itself (where a view would see its inside: thin walls, dark gaps)",
+                                     0.0, 20.0, 0.5)
     remesh_passes: int = param(2, "Times the surface is remeshed to even triangles during the geometry pass, "
                                "each finer, the last at 'Mesh faces' (0 = keep the hull's triangles)", 0, 6, 1)
     remesh_iterations: int = param(3, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)

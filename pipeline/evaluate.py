@@ -13,8 +13,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from skimage.metrics import structural_similarity
 
-from .cameras import Cameras
-from .mesh import TexturedMesh, clip_range, render_shaded, render_textured
+from .cameras import Cameras, to_clip
+from .mesh import TexturedMesh, camera_centers, clip_range, faces_seen_from_behind, render_shaded, render_textured
 from .render import Rasterizer
 
 WELD_TOLERANCE = 1e-6  # vertices closer than this fraction of the bounding-box diagonal are one vertex
@@ -58,6 +58,35 @@ def render_views(
         rgbs.append(rgb.clamp(0, 1).cpu().numpy())
         alphas.append(alpha[..., 0].cpu().numpy())
     return np.concatenate(rgbs), np.concatenate(alphas)
+
+
+@torch.no_grad()
+def inside_out_pct(
+    vertices: np.ndarray,  # [V, 3] in the cameras' frame
+    faces: np.ndarray,  # [F, 3], counter-clockwise seen from outside
+    cameras: Cameras,
+    resolution: tuple[int, int],  # (H, W)
+    rasterizer: Rasterizer,
+    chunk: int = 8,
+) -> float:
+    """Of the pixels that show the mesh in these views, the percentage whose nearest triangle faces
+    away from the camera. A closed surface that does not pass through itself is always seen from
+    outside first, so these are the places where it does: its inside shows, as dark patches in a lit
+    viewer (or holes, where back faces are culled). Fold-overs and creases do not see them."""
+    device = rasterizer.device
+    mats = _view_matrices(vertices, cameras, resolution, device)
+    v = torch.from_numpy(np.asarray(vertices, dtype=np.float32)).to(device)
+    f = torch.from_numpy(np.asarray(faces, dtype=np.int32)).to(device)
+    seen = backward = 0
+    for start in range(0, len(cameras), chunk):
+        m = mats[start:start + chunk]
+        rast, _ = rasterizer.rasterize(to_clip(v, m), f, resolution, grad_db=False)
+        triangle = rast[..., 3].long().flatten(1) - 1  # [b, H W], -1 = background
+        behind = faces_seen_from_behind(v, f, camera_centers(m))  # [b, F]
+        hit = triangle >= 0
+        seen += int(hit.sum())
+        backward += int((torch.gather(behind, 1, triangle.clamp(min=0)) & hit).sum())
+    return 100.0 * backward / max(seen, 1)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -106,13 +106,16 @@ def render_textured(
     clip_from_world: Tensor,  # [B, 4, 4]
     resolution: Tuple[int, int],
     background: Optional[Tensor] = None,  # [B, 1, 1, 3] or None for black
-) -> Tuple[Tensor, Tensor]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased
-    """Render the textured mesh (trilinear mip-mapped) into B views. Differentiable w.r.t. vertices and texture."""
+    return_rast: bool = False,
+) -> Tuple[Tensor, ...]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased (, rast [B, H, W, 4])
+    """Render the textured mesh (trilinear mip-mapped) into B views. Differentiable w.r.t. vertices and
+    texture. With ``return_rast`` also the rasterizer's output (channel 3: triangle id + 1, 0 = none)."""
     clip = to_clip(vertices, clip_from_world)
     rast, rast_db = rasterizer.rasterize(clip, faces, resolution)
     uv, uv_da = rasterizer.interpolate(uvs[None], rast, faces_uv, rast_db=rast_db, diff_attrs="all")
     color = rasterizer.texture(texture, uv, uv_da, filter_mode="linear-mipmap-linear", boundary_mode="clamp")
-    return _composite(rasterizer, color, rast, clip, faces, background)
+    rgb, alpha = _composite(rasterizer, color, rast, clip, faces, background)
+    return (rgb, alpha, rast) if return_rast else (rgb, alpha)
 
 
 def render_colored(
@@ -123,12 +126,15 @@ def render_colored(
     clip_from_world: Tensor,  # [B, 4, 4]
     resolution: Tuple[int, int],
     background: Optional[Tensor] = None,  # [B, 1, 1, 3] or None for black
-) -> Tuple[Tensor, Tensor]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased
-    """Render the mesh with per-vertex colours. Differentiable w.r.t. vertices and colours."""
+    return_rast: bool = False,
+) -> Tuple[Tensor, ...]:  # rgb [B, H, W, 3], alpha [B, H, W, 1], both anti-aliased (, rast [B, H, W, 4])
+    """Render the mesh with per-vertex colours. Differentiable w.r.t. vertices and colours. With
+    ``return_rast`` also the rasterizer's output (channel 3: triangle id + 1, 0 = none)."""
     clip = to_clip(vertices, clip_from_world)
     rast, _ = rasterizer.rasterize(clip, faces, resolution, grad_db=False)
     color, _ = rasterizer.interpolate(colors[None], rast, faces)
-    return _composite(rasterizer, color, rast, clip, faces, background)
+    rgb, alpha = _composite(rasterizer, color, rast, clip, faces, background)
+    return (rgb, alpha, rast) if return_rast else (rgb, alpha)
 
 
 def render_shaded(
@@ -197,6 +203,20 @@ def smooth_vertex_normals(
     sums = torch.zeros(len(vertices), 3, dtype=vertices.dtype, device=vertices.device)
     sums = sums.index_add(0, weld[corners].reshape(-1), face_normal.repeat_interleave(3, dim=0))
     return F.normalize(sums[weld], dim=1)
+
+
+def faces_seen_from_behind(
+    vertices: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3], counter-clockwise seen from outside
+    centers: Tensor,  # [B, 3] camera centres
+    grazing: float = 0.02,
+) -> Tensor:  # [B, F] bool: the face's outward side points away from that camera
+    """Whether each camera sees each face's back: the cosine between the face normal and the direction
+    to the camera below ``-grazing`` (faces seen edge-on, whose sign rounding decides, count as front)."""
+    corners = vertices.detach()[faces.long()]  # [F, 3, 3]
+    normals = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1), dim=1)
+    to_camera = F.normalize(centers[:, None, :] - corners.mean(1)[None], dim=-1)  # [B, F, 3]
+    return (to_camera * normals[None]).sum(-1) < -grazing
 
 
 def camera_centers(clip_from_world: Tensor) -> Tensor:  # [B, 4, 4] perspective -> [B, 3] world positions

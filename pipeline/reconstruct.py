@@ -20,7 +20,7 @@ from .cameras import Cameras
 from .capture import Capture
 from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
-from .evaluate import compare_views, surface_quality
+from .evaluate import compare_views, inside_out_pct, surface_quality
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
@@ -323,7 +323,9 @@ def reconstruct(
         metrics = {f"cameras_{k}": v for k, v in camera_metrics.items()}
         metrics.update({f"train_{k}": v for k, v in means.items()})
         surface = surface_quality(files["vertices"], files["faces"])  # the exported geometry, welded
-        metrics.update(fold_over_pct=surface["fold_over_pct"], crease_pct=surface["crease_pct"])
+        metrics.update(fold_over_pct=surface["fold_over_pct"], crease_pct=surface["crease_pct"],
+                       inside_out_pct=inside_out_pct(files["vertices"], files["faces"], cameras, fit.images.shape[1:3],
+                                                     rasterizer))
         heldout = None
         if held is not None and len(held):
             held_cams = transform_cameras(held.cameras, world_from_normalised)

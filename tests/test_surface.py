@@ -277,3 +277,76 @@ def test_refinement_surface_ends_at_most_at_mesh_faces():
     assert 3500 <= len(surface.faces) <= 4000
     final = trimesh.Trimesh(*surface.numpy(), process=False)
     assert final.is_watertight and final.is_winding_consistent
+
+
+def _dent_through_sphere():
+    """A unit icosphere whose cap above z = 0.6 is pushed down through the sphere and out below it: a
+    view from above looks into the tube that joins the rim to the pushed cap, i.e. at the inside."""
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices = np.array(sphere.vertices)
+    cap = vertices[:, 2] > 0.6
+    vertices[cap, 2] = -vertices[cap, 2] - 0.5
+    return vertices, np.asarray(sphere.faces)
+
+
+def test_inside_out_pct_sees_where_a_surface_passes_through_itself():
+    from pipeline.cameras import Cameras
+    from pipeline.evaluate import inside_out_pct
+    from pipeline.render import Rasterizer
+    from pipeline.synthetic import orbit_cameras
+
+    cameras = orbit_cameras(8, 64, np.zeros(3), 4.0)
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    rasterizer = Rasterizer(device="cpu")
+    assert inside_out_pct(sphere.vertices, sphere.faces, cameras, (64, 64), rasterizer) < 0.1  # rim pixels
+    assert inside_out_pct(sphere.vertices, sphere.faces[:, ::-1], cameras, (64, 64), rasterizer) > 99.5
+    vertices, faces = _dent_through_sphere()
+    above = orbit_cameras(1, 64, np.zeros(3), 4.0)
+    above = Cameras(above.intrinsics, look_at_origin_from([0.0, 0.1, 4.0])[None], above.sizes)
+    assert inside_out_pct(vertices, faces, above, (64, 64), rasterizer) > 5.0
+
+
+def look_at_origin_from(eye):
+    from pipeline.cameras import look_at
+
+    return look_at(np.asarray(eye), np.zeros(3), np.array([0.0, 1.0, 0.0]))
+
+
+def test_inside_out_loss_pushes_the_surface_back_out_of_itself():
+    """Descending the loss alone moves the triangles seen from behind away from the camera, until the
+    view sees the surface from outside again; a surface seen from outside gets no push."""
+    from pipeline.cameras import Cameras, to_clip
+    from pipeline.evaluate import inside_out_pct
+    from pipeline.mesh import camera_centers
+    from pipeline.refine.surface import inside_out_loss
+    from pipeline.render import Rasterizer
+
+    rasterizer = Rasterizer(device="cpu")
+    size = 64
+    focal = 0.5 * size / np.tan(np.radians(20))
+    k = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]])
+    eyes = [[0.0, 0.1, 4.0], [0.6, 0.0, 4.0], [-0.5, 0.4, 4.0]]
+    cameras = Cameras(np.repeat(k[None], 3, 0), np.stack([look_at_origin_from(e) for e in eyes]), np.full((3, 2), size))
+    mats = torch.tensor(cameras.clip_matrices((size, size), 1.0, 9.0), dtype=torch.float32)
+    centers = camera_centers(mats)
+    start, faces_np = _dent_through_sphere()
+    faces = torch.tensor(faces_np, dtype=torch.int32)
+
+    def loss_of(vertices):
+        rast, _ = rasterizer.rasterize(to_clip(vertices, mats), faces, (size, size), grad_db=False)
+        return inside_out_loss(vertices, faces, rast, centers)
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    round_vertices = torch.tensor(sphere.vertices, dtype=torch.float32, requires_grad=True)
+    loss_of(round_vertices).backward()
+    assert float(round_vertices.grad.abs().max()) == 0.0
+
+    before = inside_out_pct(start, faces_np, cameras, (size, size), rasterizer)
+    vertices = torch.tensor(start, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([vertices], lr=0.01)
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss_of(vertices).backward()
+        optimizer.step()
+    after = inside_out_pct(vertices.detach().numpy(), faces_np, cameras, (size, size), rasterizer)
+    assert before > 5.0 and after < 0.25 * before

@@ -26,8 +26,9 @@ from ..render import Rasterizer
 from ..uv import UnwrapJob
 from .appearance import PhotoProjector, texture_smoothness
 from .poses import PoseCorrections
-from .surface import (FaceAdjacency, SmoothParametrisation, UniformAdam, UniformLaplacian, nearest_vertices,
-                      normal_consistency_loss, remesh, swap_parameter, target_edge_length, vertex_normals)
+from .surface import (FaceAdjacency, SmoothParametrisation, UniformAdam, UniformLaplacian, inside_out_loss,
+                      nearest_vertices, normal_consistency_loss, remesh, swap_parameter, target_edge_length,
+                      vertex_normals)
 from .topology import fit_topology
 
 STAGE = "refine"
@@ -78,7 +79,9 @@ def refine(
        sharper on lego, but lumpy on a real capture: docs/BENCHMARKS.md, 2026-12-02). The surface
        is remeshed toward an even edge length (coarse first, then at ``config.mesh_faces``) so
        triangles stay well shaped as it moves; a normal-consistency term on bends past
-       ``config.normal_free_angle`` keeps neighbouring faces from folding. After the last remesh the
+       ``config.normal_free_angle`` keeps neighbouring faces from folding, and where a view sees the
+       surface from behind (it passed through itself) the push of `surface.inside_out_loss` moves
+       it back (``config.inside_out_weight``). After the last remesh the
        connectivity is final and the UV atlas is computed in another process while the geometry
        pass goes on;
     2. texture: the photos are projected into the atlas on the refined surface, then positions and
@@ -99,13 +102,14 @@ def refine(
     height, width = render_resolution(images.shape[1:3], config.render_resolution)
     near, far = clip_range(cameras)
     clip_mats = torch.tensor(cameras.clip_matrices((height, width), near, far), dtype=torch.float32, device=device)
+    centers = torch.from_numpy(cameras.centers).float().to(device)  # [N, 3] (before any pose correction)
     photos = _resize(torch.from_numpy(images).to(device), (height, width))  # [N, h, w, 3]
     alphas = _resize(torch.from_numpy(masks).to(device)[..., None], (height, width))  # [N, h, w, 1]
     full_views = dict(  # colours are projected from the full-resolution photos
         photos=torch.from_numpy(images).to(device), masks=torch.from_numpy(masks).to(device),
         clip_from_world=torch.tensor(cameras.clip_matrices(images.shape[1:3], near, far), dtype=torch.float32,
                                      device=device),
-        camera_centers=torch.from_numpy(cameras.centers).float().to(device),
+        camera_centers=centers,
     )
     if config.topology_steps > 0 and hull_field is not None:
         vertices, faces = yield from fit_topology(hull_field, cameras, images, masks, config, rasterizer, cancel)
@@ -158,13 +162,14 @@ def refine(
                 optimizer.param_groups[1]["lr"] = config.pose_lr * decay
             verts = surface.vertices()
             views, background = schedule[step], backgrounds[step]
-            rgb, alpha = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
+            rgb, alpha, rast = render(poses.clip(views) if adjust_poses else clip_mats[views], background)
             target_alpha = alphas[views]
             target = photos[views] * target_alpha + background * (1 - target_alpha)
             loss = (F.l1_loss(rgb, target) + config.mask_weight * F.mse_loss(alpha, target_alpha)
                     + config.normal_weight * normal_consistency_loss(verts, surface.adjacency,
                                                                      config.normal_free_angle)
                     + config.smoothness * surface.laplacian(verts).square().sum(1).mean()
+                    + config.inside_out_weight * inside_out_loss(verts, surface.faces, rast, centers[views])
                     + config.texture_smoothness * texture_smoothness(appearance))
             geometry_optimizer.zero_grad(set_to_none=True)
             optimizer.zero_grad(set_to_none=True)
@@ -179,7 +184,8 @@ def refine(
             return render_shaded(rasterizer, verts, surface.faces, mats, (height, width), background)
 
         def by_colors(mats: Tensor, background: Tensor):
-            return render_colored(rasterizer, verts, surface.faces, colors, mats, (height, width), background)
+            return render_colored(rasterizer, verts, surface.faces, colors, mats, (height, width), background,
+                                  return_rast=True)
 
         setup_seconds = clock.lap()
         remesh_seconds = 0.0
@@ -218,7 +224,7 @@ def refine(
 
         def by_texture(mats: Tensor, background: Tensor):
             return render_textured(rasterizer, verts, faces_t, uvs_t, faces_uv_t, texture, mats, (height, width),
-                                   background)
+                                   background, return_rast=True)
 
         texture_setup_seconds = clock.lap()
         for step in range(geometry_steps, total):
@@ -352,7 +358,7 @@ class _Previewer:
         self.count = 0
 
     def maybe(self, step: int, total: int, render: Callable, shade: Callable, loss: Tensor):
-        """``render(mats [B, 4, 4], background [B, 1, 1, 3]) -> (rgb, alpha)`` draws the current
+        """``render(mats [B, 4, 4], background [B, 1, 1, 3]) -> (rgb, alpha, rast)`` draws the current
         model, ``shade(mats, background)`` its bare surface."""
         self.loss_sum += loss
         self.count += 1
@@ -367,7 +373,7 @@ class _Previewer:
             spin_mat = torch.tensor(spin_cam.clip_matrices(self.size, self.near, self.far), dtype=torch.float32,
                                     device=self.device)
             white = torch.ones(2, 1, 1, 3, device=self.device)
-            shown, _ = render(self.first_view, white[:1])
+            shown = render(self.first_view, white[:1])[0]
             shaded, _ = shade(torch.cat([self.first_view, spin_mat]), white)
             strip = torch.cat([shown[0], self.photo, shaded[0], shaded[1]], dim=1)
             image = (strip.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

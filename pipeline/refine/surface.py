@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PipelineError
+from ..mesh import faces_seen_from_behind
 
 
 def _undirected_edges(faces: Tensor) -> Tensor:  # [F, 3] -> [E, 2], each undirected edge once, a < b
@@ -428,3 +429,24 @@ def normal_consistency_loss(vertices: Tensor, adjacency: FaceAdjacency, free_ang
     normals = face_normals(vertices, adjacency.faces)
     cosine = (normals[adjacency.pairs[:, 0]] * normals[adjacency.pairs[:, 1]]).sum(1)
     return F.relu(float(np.cos(np.radians(free_angle))) - cosine).square().mean()
+
+
+def inside_out_loss(
+    vertices: Tensor,  # [V, 3] (differentiable)
+    faces: Tensor,  # [F, 3], counter-clockwise seen from outside
+    rast: Tensor,  # [B, H, W, 4] the rasterizer's output of this step's render (channel 3: triangle id + 1)
+    centers: Tensor,  # [B, 3] the views' camera centres
+) -> Tensor:  # scalar
+    """Pushes the surface back where a view sees it from behind (`evaluate.inside_out_pct`: the mesh
+    has passed through itself, e.g. one side of a thin wall through the other, toward a dark gap in
+    the photos): each such pixel moves its triangle along the triangle's outward normal, i.e. away from
+    the camera and back behind the sheet it crossed. 0 where no pixel shows a triangle's back; the
+    value is minus the pushed triangles' centroids along their normals, per pixel of the object."""
+    triangle = rast[..., 3].long().flatten(1) - 1  # [B, H W], -1 = background
+    hit = triangle >= 0
+    behind = torch.gather(faces_seen_from_behind(vertices, faces, centers), 1, triangle.clamp(min=0)) & hit
+    pixels = torch.zeros(len(faces), device=vertices.device).index_add_(  # [F] back-seen pixels per face
+        0, triangle.clamp(min=0).reshape(-1), behind.reshape(-1).to(vertices.dtype))
+    corners = vertices[faces.long()]  # [F, 3, 3]
+    outward = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1), dim=1)
+    return -(pixels * (corners.mean(1) * outward.detach()).sum(1)).sum() / hit.sum().clamp(min=1)
