@@ -211,12 +211,14 @@ def faces_seen_from_behind(
     centers: Tensor,  # [B, 3] camera centres
     grazing: float = 0.02,
 ) -> Tensor:  # [B, F] bool: the face's outward side points away from that camera
-    """Whether each camera sees each face's back: the cosine between the face normal and the direction
-    to the camera below ``-grazing`` (faces seen edge-on, whose sign rounding decides, count as front)."""
+    """Whether each camera sees each face's back: the camera behind the face's plane by more than
+    ``grazing`` times its distance to the mesh (faces seen edge-on, whose sign rounding decides, count
+    as front). One [B, 3] x [3, F] product: this runs at every refinement step."""
     corners = vertices.detach()[faces.long()]  # [F, 3, 3]
-    normals = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1), dim=1)
-    to_camera = F.normalize(centers[:, None, :] - corners.mean(1)[None], dim=-1)  # [B, F, 3]
-    return (to_camera * normals[None]).sum(-1) < -grazing
+    normals = torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1)  # [F, 3]
+    offsets = (normals * corners[:, 0]).sum(1)  # [F]: the plane n . x = offset
+    distances = (centers - vertices.detach().mean(0)).norm(dim=1, keepdim=True)  # [B, 1]
+    return centers @ normals.T - offsets < -grazing * distances * normals.norm(dim=1)
 
 
 def camera_centers(clip_from_world: Tensor) -> Tensor:  # [B, 4, 4] perspective -> [B, 3] world positions

@@ -169,7 +169,8 @@ def refine(
                     + config.normal_weight * normal_consistency_loss(verts, surface.adjacency,
                                                                      config.normal_free_angle)
                     + config.smoothness * surface.laplacian(verts).square().sum(1).mean()
-                    + config.inside_out_weight * inside_out_loss(verts, surface.faces, rast, centers[views])
+                    + (config.inside_out_weight * inside_out_loss(verts, surface.faces, rast, centers[views])
+                       if config.inside_out_weight > 0 else 0.0)
                     + config.texture_smoothness * texture_smoothness(appearance))
             geometry_optimizer.zero_grad(set_to_none=True)
             optimizer.zero_grad(set_to_none=True)

@@ -441,8 +441,10 @@ def inside_out_loss(
     has passed through itself, e.g. one side of a thin wall through the other, toward a dark gap in
     the photos): each such pixel moves its triangle along the triangle's outward normal, i.e. away from
     the camera and back behind the sheet it crossed. 0 where no pixel shows a triangle's back; the
-    value is minus the pushed triangles' centroids along their normals, per pixel of the object."""
-    triangle = rast[..., 3].long().flatten(1) - 1  # [B, H W], -1 = background
+    value is minus the pushed triangles' centroids along their normals, per pixel of the object.
+    Every other pixel in each direction is looked at: a quarter of the work, and patches a few
+    pixels wide are still found."""
+    triangle = rast[:, ::2, ::2, 3].long().flatten(1) - 1  # [B, H W / 4], -1 = background
     hit = triangle >= 0
     behind = torch.gather(faces_seen_from_behind(vertices, faces, centers), 1, triangle.clamp(min=0)) & hit
     pixels = torch.zeros(len(faces), device=vertices.device).index_add_(  # [F] back-seen pixels per face
