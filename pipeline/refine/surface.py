@@ -1,12 +1,14 @@
 """The surface being optimised: its Laplacians and normals, the Large Steps parametrisation with its
-uniform Adam, remeshing toward a target edge length, and a normal-consistency regulariser.
+uniform Adam, remeshing toward a target edge length, a normal-consistency regulariser and the push
+that keeps the surface from passing through itself.
 
 Torch pieces run on any device; the remesher runs on the CPU in numpy (gpytoolbox's MIT module, never its
 ``copyleft`` one).
 
 Large Steps (Nicolet, Jacobson, Jakob 2021): the optimiser moves ``u = (I + lambda L) v`` with L the
 combinatorial Laplacian D - A, so a gradient step on ``u`` is a smooth step on the vertices ``v``; the
-SPD system is solved by Jacobi-preconditioned conjugate gradients, warm-started from the last solution.
+SPD system is solved by Jacobi-preconditioned conjugate gradients, a fixed count of iterations
+warm-started from the last solution (replayed from CUDA graphs on the GPU).
 """
 
 from __future__ import annotations
