@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from skimage.metrics import structural_similarity
 
 from .cameras import Cameras, to_clip
-from .mesh import TexturedMesh, camera_centers, clip_range, faces_seen_from_behind, render_shaded, render_textured
+from .mesh import TexturedMesh, camera_centers, clip_range, pixels_seen_from_behind, render_shaded, render_textured
 from .render import Rasterizer
 
 WELD_TOLERANCE = 1e-6  # vertices closer than this fraction of the bounding-box diagonal are one vertex
@@ -81,11 +81,9 @@ def inside_out_pct(
     for start in range(0, len(cameras), chunk):
         m = mats[start:start + chunk]
         rast, _ = rasterizer.rasterize(to_clip(v, m), f, resolution, grad_db=False)
-        triangle = rast[..., 3].long().flatten(1) - 1  # [b, H W], -1 = background
-        behind = faces_seen_from_behind(v, f, camera_centers(m))  # [b, F]
-        hit = triangle >= 0
+        _, behind, hit = pixels_seen_from_behind(v, f, rast, camera_centers(m))
         seen += int(hit.sum())
-        backward += int((torch.gather(behind, 1, triangle.clamp(min=0)) & hit).sum())
+        backward += int(behind.sum())
     return 100.0 * backward / max(seen, 1)
 
 

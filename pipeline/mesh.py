@@ -221,6 +221,21 @@ def faces_seen_from_behind(
     return centers @ normals.T - offsets < -grazing * distances * normals.norm(dim=1)
 
 
+def pixels_seen_from_behind(
+    vertices: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3], counter-clockwise seen from outside
+    rast: Tensor,  # [B, H, W, 4] rasterizer output of these faces (channel 3: triangle id + 1, 0 = none)
+    centers: Tensor,  # [B, 3] the views' camera centres
+) -> Tuple[Tensor, Tensor, Tensor]:  # triangle [B, H W] (0 where none), behind [B, H W] bool, hit [B, H W] bool
+    """Per pixel: its triangle, whether the view sees that triangle's back (`faces_seen_from_behind`),
+    and whether it shows the mesh at all. No host sync (no compaction)."""
+    triangle = rast[..., 3].long().flatten(1) - 1  # -1 = background
+    hit = triangle >= 0
+    triangle = triangle.clamp(min=0)
+    behind = torch.gather(faces_seen_from_behind(vertices, faces, centers), 1, triangle) & hit
+    return triangle, behind, hit
+
+
 def camera_centers(clip_from_world: Tensor) -> Tensor:  # [B, 4, 4] perspective -> [B, 3] world positions
     """Camera centres of perspective clip matrices: the world point mapped to clip (0, 0, 1, 0), i.e. clip
     w = 0 (camera depth 0) on the optical axis, dehomogenised (computed in float64)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PipelineError
-from ..mesh import faces_seen_from_behind
+from ..mesh import pixels_seen_from_behind
 
 
 def _undirected_edges(faces: Tensor) -> Tensor:  # [F, 3] -> [E, 2], each undirected edge once, a < b
@@ -446,11 +446,9 @@ def inside_out_loss(
     value is minus the pushed triangles' centroids along their normals, per pixel of the object.
     Every other pixel in each direction is looked at: a quarter of the work, and patches a few
     pixels wide are still found."""
-    triangle = rast[:, ::2, ::2, 3].long().flatten(1) - 1  # [B, H W / 4], -1 = background
-    hit = triangle >= 0
-    behind = torch.gather(faces_seen_from_behind(vertices, faces, centers), 1, triangle.clamp(min=0)) & hit
+    triangle, behind, hit = pixels_seen_from_behind(vertices, faces, rast[:, ::2, ::2], centers)  # [B, H W / 4]
     pixels = torch.zeros(len(faces), device=vertices.device).index_add_(  # [F] back-seen pixels per face
-        0, triangle.clamp(min=0).reshape(-1), behind.reshape(-1).to(vertices.dtype))
+        0, triangle.reshape(-1), behind.reshape(-1).to(vertices.dtype))
     corners = vertices[faces.long()]  # [F, 3, 3]
-    outward = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1), dim=1)
-    return -(pixels * (corners.mean(1) * outward.detach()).sum(1)).sum() / hit.sum().clamp(min=1)
+    outward = face_normals(vertices.detach(), faces)  # [F, 3]
+    return -(pixels * (corners.mean(1) * outward).sum(1)).sum() / hit.sum().clamp(min=1)
