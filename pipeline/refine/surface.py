@@ -66,7 +66,7 @@ class SmoothingSystem:
     conjugate-gradient solve for several right-hand sides at once (the vertices' device and dtype).
 
     M x has two forms, held to each other and to ``dense()`` by the tests: a sparse CSR product
-    (`apply_sparse`, the CPU's: 5x faster there than index_add) and a gather and scatter-add over
+    (`apply_sparse`, the CPU's: 3-5x faster there than index_add) and a gather and scatter-add over
     the directed edges (`apply_edges`, CUDA's: plain indexing kernels, which a CUDA graph records,
     `SmoothParametrisation`). ``apply`` picks by device."""
 
