@@ -70,6 +70,7 @@ def test_lego_heldout_quality(lego_run):
     # A clean surface, not only good silhouettes (issue 12): fold-overs of the exported mesh, welded.
     assert surface_quality(*_glb_geometry(result.glb_path))["fold_over_pct"] <= 1.0
     assert result.metrics["fold_over_pct"] <= 1.0
+    assert result.metrics["inside_out_pct"] <= 0.5  # nor a surface passing through itself
     assert means["mask_iou"] >= 0.90
     assert means["psnr"] >= 22.0
     assert min(v["mask_iou"] for v in per_view.values()) >= 0.85
@@ -206,6 +207,7 @@ def test_cli_reconstruct_and_eval(tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "train_psnr" in proc.stdout and "fold_over_pct" in proc.stdout and "refine" in proc.stderr
+    assert "inside_out_pct" in proc.stdout
     assert out.exists() and (tmp_path / "lego_obj.zip").exists() and (tmp_path / "lego_cameras.json").exists()
     world = load_glb_in_world(out)
     truth = tmp_path / "same_surface.ply"  # the model itself in the world frame: Chamfer must be ~0
@@ -219,6 +221,7 @@ def test_cli_reconstruct_and_eval(tmp_path):
     # Against itself a crumpled surface scores below 1: a sample's nearest sample on the other copy can lie on
     # a neighbouring face turned far away.
     assert report["normal_consistency"] > 0.9 and 0 <= report["fold_over_pct"] <= report["crease_pct"] <= 100
+    assert 0 <= report["inside_out_pct"] < 1.0
     # A capture without a test split is compared on all its views (the default split follows the capture).
     only_train = tmp_path / "only_train"
     shutil.copytree(LEGO, only_train, ignore=shutil.ignore_patterns("transforms_test.json", "test"))
