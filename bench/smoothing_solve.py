@@ -77,7 +77,7 @@ def main() -> None:
         "converged": lambda b, x0, kind: system.solve(b, x0, tol=1e-4, max_iterations=48, check_every=8),
         "fixed": lambda b, x0, kind: system.solve(b, x0, tol=None, max_iterations=counts[kind]),
     }
-    if param._graphs:
+    if vertices.is_cuda and param.use_graphs:  # recorded (a failed recording clears use_graphs)
         variants["graphed"] = lambda b, x0, kind: param.solve(kind, b, x0)
     for solve in variants.values():  # warm-up: kernels, allocator
         run(system, vertices, 10, solve)

@@ -31,6 +31,19 @@ def _undirected_edges(faces: Tensor) -> Tensor:  # [F, 3] -> [E, 2], each undire
     return torch.unique(torch.sort(edges, dim=1).values, dim=0)
 
 
+def _directed_edges(faces: Tensor) -> Tuple[Tensor, Tensor]:  # [F, 3] -> vertex [2E], neighbour [2E]
+    """Each undirected edge both ways, as the (vertex, neighbour) index lists of `_neighbour_sum`."""
+    edges = _undirected_edges(faces)
+    edges = torch.cat([edges, edges.flip(1)])
+    return edges[:, 0].contiguous(), edges[:, 1].contiguous()
+
+
+def _neighbour_sum(x: Tensor, vertex: Tensor, neighbour: Tensor) -> Tensor:  # [V, C] -> [V, C]
+    """Per vertex, the sum of its neighbours' rows: a gather and a scatter-add over the directed edges.
+    index_select, not x[...]: its backward is an index_add, not a sorting index_put."""
+    return torch.zeros_like(x).index_add_(0, vertex, x.index_select(0, neighbour))
+
+
 class UniformLaplacian:
     """L = I - D^-1 A of a mesh graph: ``L(v)`` is each vertex minus the mean of its neighbours.
 
@@ -38,16 +51,12 @@ class UniformLaplacian:
     ``torch.sparse.mm`` transposes (sorts) the matrix on every step."""
 
     def __init__(self, faces: Tensor, num_vertices: int):  # faces [F, 3]
-        edges = _undirected_edges(faces)
-        edges = torch.cat([edges, edges.flip(1)])  # [2E, 2] each undirected edge both ways
-        self.vertex, self.neighbour = edges[:, 0].contiguous(), edges[:, 1].contiguous()
+        self.vertex, self.neighbour = _directed_edges(faces)
         degree = torch.bincount(self.vertex, minlength=num_vertices).clamp(min=1)
         self.inverse_degree = (1.0 / degree.to(torch.float32))[:, None]  # [V, 1]
 
     def __call__(self, vertices: Tensor) -> Tensor:  # [V, 3] -> [V, 3]
-        # index_select, not vertices[...]: its backward is an index_add, not a sorting index_put.
-        neighbour_sum = torch.zeros_like(vertices).index_add_(0, self.vertex, vertices.index_select(0, self.neighbour))
-        return vertices - neighbour_sum * self.inverse_degree
+        return vertices - _neighbour_sum(vertices, self.vertex, self.neighbour) * self.inverse_degree
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:  # [V, 3] area-weighted unit normals
@@ -74,9 +83,7 @@ class SmoothingSystem:
                  device: torch.device, dtype: torch.dtype = torch.float32):
         if lambda_ < 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
-        edges = _undirected_edges(faces.to(device))
-        directed = torch.cat([edges, edges.flip(1)])  # [2E, 2] each edge both ways
-        self.vertex, self.neighbour = directed[:, 0].contiguous(), directed[:, 1].contiguous()
+        self.vertex, self.neighbour = _directed_edges(faces.to(device))  # [2E], [2E]
         degree = torch.bincount(self.vertex, minlength=num_vertices).to(dtype)  # [V]
         self.lambda_ = lambda_
         self.diagonal = (1.0 + lambda_ * degree)[:, None]  # [V, 1]
@@ -87,7 +94,7 @@ class SmoothingSystem:
             warnings.simplefilter("ignore", UserWarning)
             self.matrix = torch.sparse_coo_tensor(
                 torch.stack([torch.cat([self.vertex, diagonal_index]), torch.cat([self.neighbour, diagonal_index])]),
-                torch.cat([torch.full((len(directed),), -lambda_, dtype=dtype, device=device), self.diagonal[:, 0]]),
+                torch.cat([torch.full((len(self.vertex),), -lambda_, dtype=dtype, device=device), self.diagonal[:, 0]]),
                 (num_vertices, num_vertices)).coalesce().to_sparse_csr()
         self.iterations = 0
 
@@ -98,8 +105,7 @@ class SmoothingSystem:
         return self.matrix @ x
 
     def apply_edges(self, x: Tensor) -> Tensor:  # [V, C] -> M x  [V, C]
-        neighbour_sum = torch.zeros_like(x).index_add_(0, self.vertex, x.index_select(0, self.neighbour))
-        return self.diagonal * x - self.lambda_ * neighbour_sum
+        return self.diagonal * x - self.lambda_ * _neighbour_sum(x, self.vertex, self.neighbour)
 
     def dense(self) -> Tensor:  # [V, V], for tests on small meshes
         matrix = torch.diag(self.diagonal[:, 0])
