@@ -289,6 +289,12 @@ def _dent_through_sphere():
     return vertices, np.asarray(sphere.faces)
 
 
+def _look_at_origin_from(eye):  # world-to-camera [4, 4], y up
+    from pipeline.cameras import look_at
+
+    return look_at(np.asarray(eye), np.zeros(3), np.array([0.0, 1.0, 0.0]))
+
+
 def test_inside_out_pct_sees_where_a_surface_passes_through_itself():
     from pipeline.cameras import Cameras
     from pipeline.evaluate import inside_out_pct
@@ -302,14 +308,8 @@ def test_inside_out_pct_sees_where_a_surface_passes_through_itself():
     assert inside_out_pct(sphere.vertices, sphere.faces[:, ::-1], cameras, (64, 64), rasterizer) > 99.5
     vertices, faces = _dent_through_sphere()
     above = orbit_cameras(1, 64, np.zeros(3), 4.0)
-    above = Cameras(above.intrinsics, look_at_origin_from([0.0, 0.1, 4.0])[None], above.sizes)
+    above = Cameras(above.intrinsics, _look_at_origin_from([0.0, 0.1, 4.0])[None], above.sizes)
     assert inside_out_pct(vertices, faces, above, (64, 64), rasterizer) > 5.0
-
-
-def look_at_origin_from(eye):
-    from pipeline.cameras import look_at
-
-    return look_at(np.asarray(eye), np.zeros(3), np.array([0.0, 1.0, 0.0]))
 
 
 def test_inside_out_loss_pushes_the_surface_back_out_of_itself():
@@ -326,7 +326,7 @@ def test_inside_out_loss_pushes_the_surface_back_out_of_itself():
     focal = 0.5 * size / np.tan(np.radians(20))
     k = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]])
     eyes = [[0.0, 0.1, 4.0], [0.6, 0.0, 4.0], [-0.5, 0.4, 4.0]]
-    cameras = Cameras(np.repeat(k[None], 3, 0), np.stack([look_at_origin_from(e) for e in eyes]), np.full((3, 2), size))
+    cameras = Cameras(np.repeat(k[None], 3, 0), np.stack([_look_at_origin_from(e) for e in eyes]), np.full((3, 2), size))
     mats = torch.tensor(cameras.clip_matrices((size, size), 1.0, 9.0), dtype=torch.float32)
     centers = camera_centers(mats)
     start, faces_np = _dent_through_sphere()
