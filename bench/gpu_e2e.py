@@ -3,7 +3,7 @@ writes it under bench/results/ (named with the date, GPU and commit).
 
 - lego (NeRF-synthetic, CC BY-NC: non-commercial) at 400 px: 90 training views, every 10th of the
   100 held out; time per stage, end to end (load to GLB written), refinement ms/iteration,
-  held-out PSNR / SSIM / mask IoU, peak GPU memory;
+  held-out PSNR / SSIM / mask IoU and where the error lies (`evaluate.error_breakdown`), peak GPU memory;
 - spot and bob rendered into 48 views at 512 px with nvdiffrast and reconstructed: Chamfer-L1 and
   F-score at 1% of the bounding-box diagonal and normal consistency against the true meshes;
 - for all three, the exported GLB's fold-overs and creases (`surface_quality`: % of adjacent face
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import events  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
-from pipeline.evaluate import compare_views, geometry_scores, surface_quality  # noqa: E402
+from pipeline.evaluate import error_breakdown, geometry_scores, render_views, score_views, surface_quality  # noqa: E402
 from pipeline.export import load_glb_in_world  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
 from pipeline.mesh import render_textured  # noqa: E402
@@ -100,7 +100,8 @@ def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", m
     peak = torch.cuda.max_memory_allocated() / 2**30
     r = Rasterizer(backend="nvdiffrast" if nvdiffrast_available() else "auto", device="cuda")  # one judge
     mesh = load_glb_in_world(result.glb_path)
-    means, _ = compare_views(mesh, held.cameras, held.images, held.masks, held.names, r, ssim=True)
+    rendered, alpha = render_views(mesh, held.cameras, held.images.shape[1:3], r)
+    means, _ = score_views(rendered, alpha, held.images, held.masks, held.names, ssim=True)
     surface = surface_quality(mesh.vertices, mesh.faces)
     refine = config.refine
     refine_ms = 1000 * result.timings["refine"] / max(refine.iterations, 1)
@@ -113,6 +114,7 @@ def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", m
         "views_train": len(fit), "views_heldout": len(held), "resolution": list(capture.resolution),
         "e2e_seconds": e2e, "stage_seconds": result.timings,
         "heldout_psnr": means["psnr"], "heldout_ssim": means["ssim"], "mask_iou": means["mask_iou"],
+        "heldout_error": error_breakdown(rendered, alpha, held.images, held.masks),
         "train_psnr": result.metrics.get("train_psnr"),
         "refine_iterations": refine.iterations, "refine_iters_per_second": refine.iterations / result.timings["refine"],
         "refine_ms_per_iter": refine_ms, "raw_ms_per_iter": raw_ms, "refine_over_raw": refine_ms / raw_ms,

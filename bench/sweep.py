@@ -26,7 +26,7 @@ from bench.gpu_e2e import _git_commit, bench_lego, bench_mesh, raw_render_cost  
 from pipeline.config import apply_overrides, preset  # noqa: E402
 from pipeline.reconstruct import preload  # noqa: E402
 
-KEEP = ("e2e_seconds", "heldout_psnr", "train_psnr", "mask_iou", "fold_over_pct", "crease_pct", "inside_out_pct",
+KEEP = ("e2e_seconds", "heldout_psnr", "heldout_error", "train_psnr", "mask_iou", "fold_over_pct", "crease_pct", "inside_out_pct",
         "peak_gpu_mem_gb",
         "chamfer_l1_pct_diag", "fscore_1pct", "normal_consistency", "loop_ms_per_iter", "stage_seconds",
         "setup_seconds", "remesh_seconds", "atlas_wait_seconds", "texture_setup_seconds")

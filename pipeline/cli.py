@@ -75,7 +75,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from .evaluate import geometry_scores, inside_out_pct, render_views, score_views, surface_quality  # noqa: PLC0415
+    from .evaluate import (error_breakdown, geometry_scores, inside_out_pct, render_views, score_views,  # noqa: PLC0415
+                           surface_quality)
     from .export import load_glb_in_world  # noqa: PLC0415
     from .render import Rasterizer  # noqa: PLC0415
 
@@ -90,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     rendered, alpha = render_views(world, capture.cameras, capture.images.shape[1:3], rasterizer, background=1.0)
     means, per_view = score_views(rendered, alpha, capture.images, capture.masks, capture.names, ssim=True)
     report = {"views": len(capture), **{f"heldout_{k}": v for k, v in means.items()}}
+    report.update(error_breakdown(rendered, alpha, capture.images, capture.masks))
     surface = surface_quality(world.vertices, world.faces)
     report.update({key: surface[key] for key in ("fold_over_pct", "crease_pct")})
     report["inside_out_pct"] = inside_out_pct(world.vertices, world.faces, capture.cameras, capture.images.shape[1:3],

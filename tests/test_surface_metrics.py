@@ -11,7 +11,8 @@ import trimesh
 from PIL import Image
 
 from pipeline.__main__ import main
-from pipeline.evaluate import chamfer_fscore, geometry_scores, normal_consistency, surface_quality
+from pipeline.evaluate import (ERROR_REGIONS, chamfer_fscore, error_breakdown, geometry_scores, normal_consistency,
+                               on_white, surface_quality)
 from pipeline.export import write_glb
 from pipeline.importers import load_capture
 from pipeline.mesh import camera_centers, render_shaded, smooth_vertex_normals
@@ -162,6 +163,48 @@ def test_smooth_normals_are_shared_across_split_seams():
     torch.testing.assert_close(split, welded[corners], atol=1e-6, rtol=0)
 
 
+def _disc_views(count: int = 2, size: int = 64, radius: float = 20.0):
+    """Photos of a grey disc on black, their masks, and a perfect render of them on white."""
+    yy, xx = np.mgrid[:size, :size]
+    mask = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius ** 2).astype(np.float32)
+    masks = np.repeat(mask[None], count, 0)
+    images = np.zeros((count, size, size, 3), np.float32)
+    images[masks > 0.5] = 0.4
+    return images, masks, on_white(images, masks), masks.copy()
+
+
+def test_error_breakdown_puts_each_error_in_its_region():
+    images, masks, rendered, alpha = _disc_views()
+    # A notch of the disc the render misses (silhouette), a wrong colour on the outline (edge) and a
+    # wrong colour in the middle (interior), each of a known squared error.
+    alpha[0, 32:36, 10:14] = 0.0  # the disc's left rim: the render shows white where the photo has the disc
+    rendered[0, 32:36, 10:14] = 1.0
+    rendered[1, 32, 51] = 0.4 + 0.5  # on the right rim, inside the mask: edge
+    rendered[1, 30:34, 30:34] = 0.4 + 0.2  # the middle: interior
+    split = error_breakdown(rendered, alpha, images, masks)
+    silhouette_px = int(((masks > 0.5) ^ (alpha > 0.5)).sum())
+    errors = {"silhouette": silhouette_px * 0.6 ** 2, "edge": 0.5 ** 2, "interior": 16 * 0.2 ** 2, "background": 0.0}
+    total = sum(errors.values())
+    for region in ERROR_REGIONS:
+        assert split[f"{region}_error_share"] == pytest.approx(errors[region] / total, rel=1e-6), region
+    assert sum(split[f"{r}_pixel_share"] for r in ERROR_REGIONS) == pytest.approx(1.0)
+    assert split["silhouette_pixel_share"] == pytest.approx(silhouette_px / masks.size)
+    assert split["interior_top5_share"] == pytest.approx(1.0)  # all of it in 16 pixels of hundreds
+    spread = rendered.copy()  # the same interior error spread over every interior pixel: no hot spots
+    spread[1, 30:34, 30:34] = 0.4
+    spread[(masks > 0.5) & (alpha > 0.5)] += 0.1
+    assert error_breakdown(spread, alpha, images, masks)["interior_top5_share"] < 0.1
+
+
+def test_error_breakdown_edge_band_does_not_cross_views():
+    images, masks, rendered, alpha = _disc_views()
+    masks[1], alpha[1], images[1] = 0.0, 0.0, 0.0  # the second view shows nothing: its pixels are all background
+    rendered = on_white(images, masks)
+    rendered[1, 32, 12] = 0.5  # where the first view's outline is, but in the second view
+    split = error_breakdown(rendered, alpha, images, masks)
+    assert split["background_error_share"] == pytest.approx(1.0) and split["edge_error_share"] == 0.0
+
+
 def test_eval_cli_writes_photo_textured_shaded_per_view(tmp_path, capsys):
     sphere = trimesh.creation.icosphere(3, radius=0.8)  # inside the lego cameras' view, in their world frame
     vertices = np.asarray(sphere.vertices)
@@ -173,6 +216,9 @@ def test_eval_cli_writes_photo_textured_shaded_per_view(tmp_path, capsys):
     assert main(["eval", str(glb), str(LEGO), "--json", "--images", str(pictures), "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert summary["fold_over_pct"] == 0.0 and summary["crease_pct"] == 0.0  # reported without --gt too
+    # A sphere for a lego: most of the error is where the silhouettes differ, and the shares add up.
+    assert sum(summary[f"{r}_error_share"] for r in ERROR_REGIONS) == pytest.approx(1.0)
+    assert summary["silhouette_error_share"] > 0.5
     held = load_capture(LEGO, split="test")
     files = sorted(pictures.glob("*.png"))
     assert len(files) == len(held) == 8
