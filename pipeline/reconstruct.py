@@ -20,7 +20,7 @@ from .cameras import Cameras
 from .capture import Capture
 from .config import CamerasConfig, ReconstructionConfig
 from .errors import PipelineError
-from .evaluate import compare_views, inside_out_pct, surface_quality
+from .evaluate import compare_views, error_breakdown, inside_out_pct, render_views, score_views, surface_quality
 from .events import Event, Metrics, Preview, Progress, Result, StageFinished, StageStarted, Warning
 from .hull import carve_visual_hull, hull_mesh
 from .memory import free_memory
@@ -329,8 +329,13 @@ def reconstruct(
         heldout = None
         if held is not None and len(held):
             held_cams = transform_cameras(held.cameras, world_from_normalised)
-            heldout, held_views = compare_views(mesh, held_cams, held.images, held.masks, held.names, rasterizer)
+            rendered, alpha = render_views(mesh, held_cams, held.images.shape[1:3], rasterizer)
+            heldout, held_views = score_views(rendered, alpha, held.images, held.masks, held.names)
             metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
+            # Where the held-out error lies: missing/extra geometry, the outline, or the inside.
+            split = error_breakdown(rendered, alpha, held.images, held.masks)
+            metrics.update({f"heldout_{region}_error_share": split[f"{region}_error_share"]
+                            for region in ("silhouette", "edge", "interior")})
             per_view.update(held_views)
         timings["export"] = _now() - start
         yield Progress("export", 1.0, f"{len(files['faces'])} triangles written; fit to the photos: PSNR "

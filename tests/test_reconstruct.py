@@ -302,6 +302,10 @@ def test_pose_refinement_recovers_from_noisy_cameras(tmp_path):
         turned = [Rotation.from_matrix(np.asarray(f["world_to_camera"])[:3, :3] @ truth[i, :3, :3].T).magnitude()
                   for i, f in enumerate(saved) if i % 4 != 3]
         outcomes[mode] = (result.metrics["heldout_psnr"], corrections, float(np.degrees(np.median(turned))))
+        # Where the held-out error lies; the background, white on white, has next to none of it (only
+        # the render's fringes covering pixels by less than half, away from the outline: 1e-4 here).
+        shares = [result.metrics[f"heldout_{region}_error_share"] for region in ("silhouette", "edge", "interior")]
+        assert min(shares) > 0 and sum(shares) == pytest.approx(1.0, abs=1e-3), shares
     (tmp_path / "outcomes.json").write_text(json.dumps(outcomes))
     assert outcomes["off"][1] is None  # "off" (and "auto" with a camera file) leaves the cameras alone
     assert outcomes["on"][0] > outcomes["off"][0] + 1.0, outcomes  # measured 17.99 vs 16.09 dB
