@@ -121,7 +121,8 @@ def texture_png(texture: np.ndarray) -> bytes:  # texture [h, w, 3] float in [0,
     texture = np.asarray(texture)
     if not np.issubdtype(texture.dtype, np.floating) or texture.ndim != 3 or texture.shape[2] != 3:
         raise ValueError(f"texture must be float [h, w, 3] in [0, 1], got {texture.dtype} {texture.shape}")
-    pixels = np.round(np.clip(texture.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)  # [h, w, 3] RGB
+    # In float32: the conversion of a 2048^2 texture took 0.09-0.39 s through a float64 copy, 0.02 s so.
+    pixels = np.rint(np.clip(texture.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(255)).astype(np.uint8)
     buffer = io.BytesIO()
     # zlib level 3, not PIL's 6: a third of the time (0.36 vs 1.04 s for a 2048^2 texture on one
     # core) for a file 15% larger; the export waits on this encode.
