@@ -8,6 +8,7 @@ lost), for the hull at each grid and the hull remeshed to each face count. Print
 surface.
 
     python bench/start_silhouettes.py --data ../shared/data/lego [--grids 128,192] [--faces 20000,40000,80000]
+        [--dilations 0,1]   # hull.mask_dilation_px: the masks grown before carving
 
 lego is NeRF-synthetic (CC BY-NC: non-commercial).
 """
@@ -56,6 +57,7 @@ def main() -> int:
     parser.add_argument("--holdout-every", type=int, default=10)
     parser.add_argument("--grids", default="128")
     parser.add_argument("--faces", default="20000,40000,80000")
+    parser.add_argument("--dilations", default="0")
     parser.add_argument("--remesh-iterations", type=int, default=3)
     args = parser.parse_args()
     capture = load_capture(args.data, max_side=512)
@@ -63,15 +65,18 @@ def main() -> int:
     cameras, world_from_normalised = normalize_scene(fit.cameras, fit.masks, device="cpu")
     held_cameras = transform_cameras(held.cameras, world_from_normalised)  # for points in the normalised frame
     rasterizer = Rasterizer(backend="torch", device="cpu")
-    for grid in (int(g) for g in args.grids.split(",")):
-        vertices, faces = hull_mesh(carve_visual_hull(cameras, fit.masks, resolution=grid, device="cpu"))
-        row = {"surface": f"hull {grid}", "faces": len(faces)}
+    runs = [(int(g), int(d)) for g in args.grids.split(",") for d in args.dilations.split(",")]
+    for grid, dilation in runs:
+        field = carve_visual_hull(cameras, fit.masks, resolution=grid, mask_dilation_px=dilation, device="cpu")
+        vertices, faces = hull_mesh(field)
+        name = f"hull {grid}" + (f", masks grown {dilation} px" if dilation else "")
+        row = {"surface": name, "faces": len(faces)}
         print(json.dumps({**row, **disagreement(vertices, faces, held_cameras, held.masks, rasterizer)}), flush=True)
         for count in (int(c) for c in args.faces.split(",")):
             start = time.perf_counter()
             length = target_edge_length(vertices, faces, count)
             new_vertices, new_faces = remesh(vertices, faces, length, iterations=args.remesh_iterations)
-            row = {"surface": f"hull {grid} remeshed to {count}", "faces": len(new_faces),
+            row = {"surface": f"{name}, remeshed to {count}", "faces": len(new_faces),
                    "remesh_seconds": time.perf_counter() - start}
             print(json.dumps({**row, **disagreement(new_vertices, new_faces, held_cameras, held.masks, rasterizer)}),
                   flush=True)

@@ -42,6 +42,8 @@ class CamerasConfig:
 class HullConfig:
     grid_resolution: int = param(128, "Voxels per side of the visual-hull grid", 32, 384, 16)
     bad_view_tolerance: int = param(0, "A voxel survives if it is outside the mask in at most this many views (raise for bad masks)", 0, 8, 1)
+    mask_dilation_px: int = param(0, "Grow each mask by this many pixels before carving, so parts thinner than a "
+                                  "voxel survive (the refinement carves the excess back)", 0, 8, 1)
 
 
 @dataclass

@@ -289,7 +289,8 @@ def reconstruct(
         up = estimate_up(cameras)
         check_cancel(cancel)
         field = carve_visual_hull(cameras, fit.masks, resolution=config.hull.grid_resolution,
-                                  bad_view_tolerance=config.hull.bad_view_tolerance, device=device)
+                                  bad_view_tolerance=config.hull.bad_view_tolerance,
+                                  mask_dilation_px=config.hull.mask_dilation_px, device=device)
         vertices, faces = hull_mesh(field)
         yield Progress("hull", 1.0, f"{len(faces)} triangles carved (the refinement remeshes or simplifies them)")
         check_cancel(cancel)
