@@ -18,9 +18,9 @@ frusta would survive as unknown).
 With ``mask_dilation_px`` > 0 every mask is first grown by that many pixels (a (2 d + 1)^2 max
 filter): the hull is then conservative for parts thinner than a voxel, which carving at voxel
 centres otherwise loses (lego's rods and linkage: 0.45% of its held-out pixels at grid 128, and the
-refinement's first, coarse remesh doubles that). Growing a surface back is what the refinement does
-worst; carving off the extra pixel, through the silhouette loss, it does well
-(docs/BENCHMARKS.md, "what the refinement starts from").
+refinement's first, coarse remesh doubles that), and the refinement must carve the extra pixel off
+instead of regrowing lost parts, which it does only in part. Whether that pays depends on the
+schedule (docs/BENCHMARKS.md, "a conservative hull"); off by default.
 """
 
 from __future__ import annotations
