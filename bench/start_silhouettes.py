@@ -21,34 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.hull import carve_visual_hull, hull_mesh  # noqa: E402
+from pipeline.hull import carve_visual_hull, hull_mesh, render_silhouettes  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
-from pipeline.mesh import clip_range, render_colored  # noqa: E402
 from pipeline.normalize import normalize_scene, transform_cameras  # noqa: E402
 from pipeline.reconstruct import split_holdout  # noqa: E402
 from pipeline.refine.surface import remesh, target_edge_length  # noqa: E402
-from pipeline.render import Rasterizer  # noqa: E402
 
 
-def disagreement(vertices, faces, cameras, masks, rasterizer) -> dict:  # % of the views' pixels
-    near, far = clip_range(cameras)
-    size = masks.shape[1:3]
-    mats = torch.tensor(cameras.clip_matrices(size, near, far), dtype=torch.float32)
-    v = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32))
-    f = torch.from_numpy(np.ascontiguousarray(faces, dtype=np.int32))
-    extra = missing = 0.0
-    for i in range(len(mats)):  # one view at a time: the CPU rasterizer's memory
-        _, alpha = render_colored(rasterizer, v, f, torch.ones(len(v), 3), mats[i:i + 1], size)
-        covered, truth = alpha[0, ..., 0].numpy() > 0.5, masks[i] > 0.5
-        extra += float((covered & ~truth).mean())
-        missing += float((~covered & truth).mean())
-    n = len(mats)
-    return {"disagree_pct": 100 * (extra + missing) / n, "extra_pct": 100 * extra / n, "missing_pct": 100 * missing / n}
+def disagreement(vertices, faces, cameras, masks) -> dict:  # % of the views' pixels
+    covered = render_silhouettes(vertices, faces, cameras, masks.shape[1:3])  # [N, H, W] bool, torch on the CPU
+    truth = masks > 0.5
+    extra, missing = 100 * float((covered & ~truth).mean()), 100 * float((~covered & truth).mean())
+    return {"disagree_pct": extra + missing, "extra_pct": extra, "missing_pct": missing}
 
 
 def main() -> int:
@@ -64,21 +51,20 @@ def main() -> int:
     fit, held = split_holdout(capture, args.holdout_every)
     cameras, world_from_normalised = normalize_scene(fit.cameras, fit.masks, device="cpu")
     held_cameras = transform_cameras(held.cameras, world_from_normalised)  # for points in the normalised frame
-    rasterizer = Rasterizer(backend="torch", device="cpu")
     runs = [(int(g), int(d)) for g in args.grids.split(",") for d in args.dilations.split(",")]
     for grid, dilation in runs:
         field = carve_visual_hull(cameras, fit.masks, resolution=grid, mask_dilation_px=dilation, device="cpu")
         vertices, faces = hull_mesh(field)
         name = f"hull {grid}" + (f", masks grown {dilation} px" if dilation else "")
         row = {"surface": name, "faces": len(faces)}
-        print(json.dumps({**row, **disagreement(vertices, faces, held_cameras, held.masks, rasterizer)}), flush=True)
+        print(json.dumps({**row, **disagreement(vertices, faces, held_cameras, held.masks)}), flush=True)
         for count in (int(c) for c in args.faces.split(",")):
             start = time.perf_counter()
             length = target_edge_length(vertices, faces, count)
             new_vertices, new_faces = remesh(vertices, faces, length, iterations=args.remesh_iterations)
             row = {"surface": f"{name}, remeshed to {count}", "faces": len(new_faces),
                    "remesh_seconds": time.perf_counter() - start}
-            print(json.dumps({**row, **disagreement(new_vertices, new_faces, held_cameras, held.masks, rasterizer)}),
+            print(json.dumps({**row, **disagreement(new_vertices, new_faces, held_cameras, held.masks)}),
                   flush=True)
     return 0
 
