@@ -42,7 +42,7 @@ class CamerasConfig:
 class HullConfig:
     grid_resolution: int = param(128, "Voxels per side of the visual-hull grid", 32, 384, 16)
     bad_view_tolerance: int = param(0, "A voxel survives if it is outside the mask in at most this many views (raise for bad masks)", 0, 8, 1)
-    mask_dilation_px: int = param(0, "Grow each mask by this many pixels before carving, so parts thinner than a "
+    mask_dilation_px: int = param(1, "Grow each mask by this many pixels before carving, so parts thinner than a "
                                   "voxel survive (the refinement carves the excess back)", 0, 8, 1)
 
 
@@ -66,7 +66,7 @@ class RefineConfig:
     inside_out_weight: float = param(1.0, "Weight of the push that keeps the surface from passing through "
                                      "itself (where a view would see its inside: thin walls, dark gaps)",
                                      0.0, 20.0, 0.5)
-    remesh_passes: int = param(2, "Times the surface is remeshed to even triangles during the geometry pass, "
+    remesh_passes: int = param(1, "Times the surface is remeshed to even triangles during the geometry pass, "
                                "each finer, the last at 'Mesh faces' (0 = keep the hull's triangles)", 0, 6, 1)
     remesh_iterations: int = param(3, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
@@ -119,6 +119,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "ingest.max_image_side": 256, "hull.grid_resolution": 96, "refine.iterations": 200,
         "refine.render_resolution": 128, "refine.views_per_step": 4, "refine.texture_size": 1024,
         "refine.mesh_faces": 10000, "refine.remesh_passes": 0,  # remeshing costs more than it gives at 10k faces on a CPU
+        "hull.mask_dilation_px": 0,  # grown masks cost this preset 0.35 dB on the CPU (docs/BENCHMARKS.md, session 9)
         "export.target_faces": 10000,
     },
     "balanced": {},
