@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -210,7 +211,7 @@ def main() -> int:
     config = apply_overrides(preset(args.preset), dict(kv.split("=", 1) for kv in args.overrides))
     commit = _git_commit()
     report = {"gpu": torch.cuda.get_device_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides}
+              "host": host_identity(), "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides}
     only = args.only or ["lego", "spot", "bob"]
     gpu = report["gpu"].replace(" ", "-")
     tag = f"_{args.tag}" if args.tag else ""
@@ -242,6 +243,27 @@ def main() -> int:
         profile_lego(args.data, config, args.out, args.profile)
     print(save())
     return 0
+
+
+def host_identity() -> dict:
+    """Which machine ran this: the device is lent from a pool whose hosts differ (its loop and its
+    CPU-side stages by 20-40%), so figures from two runs compare only with this beside them."""
+    cpu = "unknown"
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    host = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        host["gpu_uuid"] = str(getattr(props, "uuid", "unknown"))
+    try:
+        host["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        host["driver"] = "unknown"
+    return host
 
 
 def _git_commit() -> str:

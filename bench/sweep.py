@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_e2e import _git_commit, bench_lego, bench_mesh, raw_render_cost  # noqa: E402
+from bench.gpu_e2e import _git_commit, bench_lego, bench_mesh, host_identity, raw_render_cost  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
 from pipeline.reconstruct import preload  # noqa: E402
 
@@ -54,6 +54,7 @@ def main() -> int:
     raw_render_cost(2000, 2, 64, 64, repeats=1)  # warm-up, as gpu_e2e does
     preload()
     rows = []
+    host = host_identity()  # in every row: rows of one file compare with each other, not with another run's
     for text in args.variant:
         name, overrides = parse_variant(text)
         config = apply_overrides(preset(args.preset), overrides)
@@ -64,7 +65,7 @@ def main() -> int:
                     figures = bench_lego(args.data, config, args.out / name, measure_raw=False)
                 else:
                     figures = bench_mesh(args.data, scene, MESHES[scene], config, args.out / name)
-                row = {"variant": name, "overrides": overrides, "scene": scene,
+                row = {"variant": name, "overrides": overrides, "scene": scene, "host": host,
                        **{k: figures[k] for k in KEEP if k in figures}}
             except Exception as exc:  # one failing variant must not lose the others' figures
                 row = {"variant": name, "overrides": overrides, "scene": scene, "error": f"{type(exc).__name__}: {exc}",

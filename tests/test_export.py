@@ -197,6 +197,58 @@ def test_bake_accepts_per_corner_uvs(baked_cube):
     np.testing.assert_allclose(texture, baked_cube["texture"], atol=1e-6)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def chart_like_mask(shape, seed):  # rectangles and thin strips, as a UV atlas's charts cover a texture
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, bool)
+    for _ in range(40):
+        r, c = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        mask[r:r + rng.integers(1, 30), c:c + rng.integers(1, 30)] = True
+    return mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seeds", ["sparse", "charts", "one"])
+def test_jump_flood_finds_the_nearest_seed_as_the_exact_transform_does(device, seeds):
+    """The fast path of `nearest_texels` on CUDA, held to scipy's exact distance transform."""
+    shape = (173, 256)
+    if seeds == "sparse":
+        valid = np.random.default_rng(0).random(shape) < 0.002
+    elif seeds == "charts":
+        valid = chart_like_mask(shape, 1)
+    else:
+        valid = np.zeros(shape, bool)
+        valid[170, 3] = True
+    exact = ndimage.distance_transform_edt(~valid)
+    nearest = appearance.jump_flood(torch.from_numpy(valid).to(device)).cpu().numpy()
+    rows, cols = nearest // shape[1], nearest % shape[1]
+    assert valid[rows, cols].all()  # every texel points at a seed
+    here_r, here_c = np.indices(shape)
+    dist = np.hypot(rows - here_r, cols - here_c)
+    assert (dist >= exact - 1e-9).all()
+    assert np.mean(np.abs(dist - exact) < 1e-9) >= 0.999
+    assert np.abs(dist - exact).max() < 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fill_empty_texels_copies_the_nearest_valid_texel(device):
+    valid = chart_like_mask((120, 90), 2)
+    texture = np.random.default_rng(3).random((120, 90, 3)).astype(np.float32)
+    filled = appearance.fill_empty_texels(np.where(valid[..., None], texture, np.nan), valid, device)
+    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    assert np.array_equal(filled[valid], texture[valid])  # valid texels keep their colour
+    assert np.isfinite(filled).all()
+    agree = (filled == texture[rows, cols]).all(axis=2)
+    assert agree.mean() >= (1.0 if device == "cpu" else 0.99)  # CUDA: ties and JFA's rare misses differ
+
+
+def test_nearest_texels_says_what_is_wrong_with_an_empty_mask():
+    with pytest.raises(ValueError, match="at least one valid texel"):
+        appearance.nearest_texels(np.zeros((4, 4), bool))
+
+
 def test_rebake_from_a_texture_on_another_mesh_and_layout():
     sphere = trimesh.creation.icosphere(subdivisions=4)
     src_vertices, src_faces = export.simplify(sphere.vertices, sphere.faces, 3000)

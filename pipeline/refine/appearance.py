@@ -3,7 +3,7 @@ function into a UV texture atlas (used by the refinement and by the export's re-
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -163,7 +163,7 @@ def bake_texture(
         raise PipelineError(f"the UV layout covers no texel centre of a {size} x {size} texture")
 
     # Border texels: barycentrics of the texel centre in the nearest chart texel's triangle.
-    dist, (near_r, near_c) = ndimage.distance_transform_edt(~covered, return_indices=True)
+    dist, near_r, near_c = nearest_texels(covered, device)
     ring_r, ring_c = np.nonzero(~covered & (dist <= border))
     ring_tri = faces[tri_map[near_r[ring_r, ring_c], near_c[ring_r, ring_c]]]  # [R, 3]
     texel_uv = np.stack([(ring_c + 0.5) / size, (ring_r + 0.5) / size], axis=1)  # [R, 2]
@@ -192,16 +192,72 @@ def bake_texture(
     valid[rows[seen], cols[seen]] = True
     if not valid.any():
         raise PipelineError("no texel of the surface has a colour (colors_at returned only non-finite values)")
-    return fill_empty_texels(texture, valid)
+    return fill_empty_texels(texture, valid, device)
 
 
 def fill_empty_texels(
     texture: np.ndarray,  # [H, W, C]
     valid: np.ndarray,  # [H, W] bool, texels that hold a colour
+    device: Union[str, torch.device] = "cpu",  # where the nearest texels are found (see `nearest_texels`)
 ) -> np.ndarray:  # [H, W, C], every texel a copy of the nearest valid one (itself if valid)
-    """Fill every invalid texel with the nearest valid texel's value (Euclidean, one EDT pass)."""
-    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    """Fill every invalid texel with the nearest valid texel's value (Euclidean)."""
+    _, rows, cols = nearest_texels(valid, device)
     return texture[rows, cols]
+
+
+def nearest_texels(
+    valid: np.ndarray,  # [H, W] bool, at least one True
+    device: Union[str, torch.device] = "cpu",
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:  # distance [H, W] float, rows [H, W] int64, cols [H, W] int64
+    """For every texel, the nearest ``valid`` texel (itself when valid) and the Euclidean distance to it,
+    in texels. On CUDA by `jump_flood` (a 2048^2 atlas in milliseconds instead of most of a second);
+    elsewhere by scipy's exact distance transform, the reference `tests/test_export.py` holds it to.
+    Where two valid texels are equally near, the two paths may pick different ones."""
+    valid = np.asarray(valid, dtype=bool)
+    if valid.ndim != 2 or not valid.any():
+        raise ValueError(f"nearest_texels needs a 2D mask with at least one valid texel, got shape {valid.shape}")
+    if torch.device(device).type != "cuda":
+        dist, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+        return dist, rows, cols
+    nearest = jump_flood(torch.from_numpy(valid).to(device))
+    width = valid.shape[1]
+    rows, cols = nearest // width, nearest % width
+    here_r, here_c = torch.meshgrid(torch.arange(valid.shape[0], device=nearest.device),
+                                    torch.arange(width, device=nearest.device), indexing="ij")
+    dist = ((rows - here_r).square() + (cols - here_c).square()).double().sqrt()
+    return dist.cpu().numpy(), rows.cpu().numpy(), cols.cpu().numpy()
+
+
+def jump_flood(
+    seeds: Tensor,  # [H, W] bool, at least one True
+) -> Tensor:  # [H, W] int64, flat index (row * W + col) of each texel's nearest seed (Euclidean)
+    """Nearest seed of every texel by jump flooding (Rong & Tan 2006): rounds at halving steps from
+    half the larger side down to 1, each looking at 8 neighbours, then the last four steps again
+    (JFA with one extra pass at step 1 still left 0.1% of the texels of chart-like masks up to 2.5
+    texels off; with the second sweep the test cases come out exact, which jump flooding does not
+    promise in general). Any device; not differentiable."""
+    height, width = seeds.shape
+    index = torch.arange(height * width, device=seeds.device).view(height, width)
+    here_r, here_c = index // width, index % width
+    nearest = torch.where(seeds, index, -1)
+    best = torch.where(seeds, 0, torch.iinfo(torch.int64).max)  # squared distance to ``nearest``
+    step = 1 << (max(height, width) - 1).bit_length() - 1 if max(height, width) > 1 else 1
+    steps = []
+    while step >= 1:
+        steps.append(step)
+        step //= 2
+    for step in steps + steps[-4:]:
+        padded = F.pad(nearest, (step, step, step, step), value=-1)
+        for dr in (-step, 0, step):
+            for dc in (-step, 0, step):
+                if dr == 0 and dc == 0:
+                    continue
+                candidate = padded[step + dr:step + dr + height, step + dc:step + dc + width]
+                d = (candidate // width - here_r).square() + (candidate % width - here_c).square()
+                better = (candidate >= 0) & (d < best)
+                nearest = torch.where(better, candidate, nearest)
+                best = torch.where(better, d, best)
+    return nearest
 
 
 def _barycentric_2d(
