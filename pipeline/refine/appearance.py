@@ -128,8 +128,8 @@ def bake_texture(
     3. ``colors_at(points [P, 3] float32, normals [P, 3] float32) -> [P, 3]`` is called in chunks
        of ``chunk`` points; non-finite colours mean "unseen".
     4. Every texel still without a colour (unseen, or in the empty space between charts) takes
-       the colour of the nearest coloured texel (one exact Euclidean distance transform), so no
-       black seams appear at any mip level.
+       the colour of the nearest coloured texel (`nearest_texels`: jump flooding on CUDA, the
+       exact Euclidean distance transform elsewhere), so no black seams appear at any mip level.
 
     To re-bake a texture from another UV layout or another mesh, use ``colors_from_texture``.
     """
