@@ -67,7 +67,7 @@ def main() -> int:
     clip = torch.from_numpy(np.c_[2 * uvs - 1, np.zeros((len(uvs), 1)), np.ones((len(uvs), 1))]).float().cuda()
     rast, _ = rasterizer.rasterize(clip[None], torch.from_numpy(faces_uv).int().cuda(), (args.size, args.size),
                                    grad_db=False)
-    covered = (rast[0, ..., 3] > 0).cpu().numpy()
+    covered = rast[0, ..., 3] > 0  # [H, W] bool on the GPU
 
     def colors_at(points, normals):  # cheap and finite except below the middle: "unseen" texels to fill
         colors = np.abs(normals).astype(np.float32)
@@ -77,8 +77,8 @@ def main() -> int:
     exact_nearest = appearance.nearest_texels
 
     def bake(device: str):
-        def nearest_on(valid, _device):
-            return exact_nearest(valid, device)
+        def nearest_on(valid):
+            return tuple(a.to(valid.device) for a in exact_nearest(valid.to(device)))
         appearance.nearest_texels = nearest_on
         try:
             return appearance.bake_texture(vertices[vmapping], faces_uv, uvs, colors_at, args.size, rasterizer=rasterizer)
@@ -90,16 +90,16 @@ def main() -> int:
     baked = {"cpu": [], "cuda": []}
     for _ in range(args.repeats):
         for device in ("cpu", "cuda"):
-            nearest[device].append(timed(lambda: exact_nearest(covered, device)))
+            nearest[device].append(timed(lambda: exact_nearest(covered.to(device))))
             baked[device].append(timed(lambda: bake(device)))
 
-    exact = ndimage.distance_transform_edt(~covered)
-    fast, _, _ = exact_nearest(covered, "cuda")
-    excess = fast - exact
+    exact = ndimage.distance_transform_edt(~covered.cpu().numpy())
+    fast, _, _ = exact_nearest(covered)
+    excess = fast.cpu().numpy() - exact
     textures = {device: bake(device) for device in ("cpu", "cuda")}
     report = {
         "commit": _git_commit(), "date": time.strftime("%Y-%m-%d"), "host": host_identity(),
-        "faces": int(len(faces)), "texture_size": args.size, "covered_share": float(covered.mean()),
+        "faces": int(len(faces)), "texture_size": args.size, "covered_share": float(covered.float().mean()),
         "repeats": args.repeats,
         "nearest_ms": {d: spread(v) for d, v in nearest.items()},
         "bake_ms": {d: spread(v) for d, v in baked.items()},

@@ -66,8 +66,9 @@ class RefineConfig:
     inside_out_weight: float = param(1.0, "Weight of the push that keeps the surface from passing through "
                                      "itself (where a view would see its inside: thin walls, dark gaps)",
                                      0.0, 20.0, 0.5)
-    remesh_passes: int = param(1, "Times the surface is remeshed to even triangles during the geometry pass, "
-                               "each finer, the last at 'Mesh faces' (0 = keep the hull's triangles)", 0, 6, 1)
+    remeshes: int = param(2, "Times the surface is remeshed to even triangles, the first before step 0, the "
+                          "others spread over the geometry pass, each finer, the last at 'Mesh faces' "
+                          "(0 = keep the hull's triangles)", 0, 7, 1)
     remesh_iterations: int = param(3, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)
     mask_weight: float = param(1.0, "Weight of the silhouette (mask) loss", 0.0, 10.0, 0.1)
@@ -118,7 +119,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "fast": {
         "ingest.max_image_side": 256, "hull.grid_resolution": 96, "refine.iterations": 200,
         "refine.render_resolution": 128, "refine.views_per_step": 4, "refine.texture_size": 1024,
-        "refine.mesh_faces": 10000, "refine.remesh_passes": 0,  # remeshing costs more than it gives at 10k faces on a CPU
+        "refine.mesh_faces": 10000, "refine.remeshes": 0,  # remeshing costs more than it gives at 10k faces on a CPU
         "hull.mask_dilation_px": 0,  # grown masks cost this preset 0.35 dB on the CPU (docs/BENCHMARKS.md, session 9)
         "export.target_faces": 10000,
     },

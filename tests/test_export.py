@@ -236,7 +236,8 @@ def test_jump_flood_finds_the_nearest_seed_as_the_exact_transform_does(device, s
 def test_fill_empty_texels_copies_the_nearest_valid_texel(device):
     valid = chart_like_mask((120, 90), 2)
     texture = np.random.default_rng(3).random((120, 90, 3)).astype(np.float32)
-    filled = appearance.fill_empty_texels(np.where(valid[..., None], texture, np.nan), valid, device)
+    holes = torch.from_numpy(np.where(valid[..., None], texture, np.nan)).to(device)
+    filled = appearance.fill_empty_texels(holes, torch.from_numpy(valid).to(device)).cpu().numpy()
     _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
     assert np.array_equal(filled[valid], texture[valid])  # valid texels keep their colour
     assert np.isfinite(filled).all()
@@ -244,9 +245,18 @@ def test_fill_empty_texels_copies_the_nearest_valid_texel(device):
     assert agree.mean() >= (1.0 if device == "cpu" else 0.99)  # CUDA: ties and JFA's rare misses differ
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_texels_distances_are_exact_on_every_device(device):
+    valid = chart_like_mask((150, 200), 4)
+    dist, rows, cols = appearance.nearest_texels(torch.from_numpy(valid).to(device))
+    assert dist.device.type == rows.device.type == torch.device(device).type
+    np.testing.assert_allclose(dist.cpu().numpy(), ndimage.distance_transform_edt(~valid), atol=1e-9)
+    assert valid[rows.cpu().numpy(), cols.cpu().numpy()].all()
+
+
 def test_nearest_texels_says_what_is_wrong_with_an_empty_mask():
     with pytest.raises(ValueError, match="at least one valid texel"):
-        appearance.nearest_texels(np.zeros((4, 4), bool))
+        appearance.nearest_texels(torch.zeros(4, 4, dtype=torch.bool))
 
 
 def test_rebake_from_a_texture_on_another_mesh_and_layout():

@@ -120,8 +120,8 @@ def refine(
     # Remeshes during the geometry pass (steps below geometry_steps, so all are reached), each at a
     # finer edge length, the last at mesh_faces; the first, before step 0, also evens out the
     # starting surface (the hull's or the topology pass's triangles).
-    remesh_at = {geometry_steps * i // (config.remesh_passes + 1): config.mesh_faces // 2 ** (config.remesh_passes - i)
-                 for i in range(config.remesh_passes + 1)} if config.remesh_passes > 0 else {}
+    remesh_at = {geometry_steps * i // config.remeshes: config.mesh_faces // 2 ** (config.remeshes - 1 - i)
+                 for i in range(config.remeshes)}
     if not remesh_at:  # the hull's triangles as they are, down to mesh_faces
         vertices, faces = simplify(vertices, faces, config.mesh_faces)
     surface = _Surface(vertices, faces, config, device)
