@@ -67,7 +67,7 @@ class RefineConfig:
                                      "itself (where a view would see its inside: thin walls, dark gaps)",
                                      0.0, 20.0, 0.5)
     remeshes: int = param(2, "Times the surface is remeshed to even triangles, the first before step 0, the "
-                          "others spread over the geometry pass, each finer, the last at 'Mesh faces' "
+                          "others spread over the first half of the geometry pass, each finer, the last at 'Mesh faces' "
                           "(0 = keep the hull's triangles)", 0, 7, 1)
     remesh_iterations: int = param(3, "Split/collapse/flip/smooth rounds per remesh", 1, 20, 1)
     texture_smoothness: float = param(0.02, "Weight of the smoothness prior on the texture", 0.0, 1.0, 0.005)

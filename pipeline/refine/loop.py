@@ -117,10 +117,12 @@ def refine(
 
     total = config.iterations
     geometry_steps = total // 2
-    # Remeshes during the geometry pass (steps below geometry_steps, so all are reached), each at a
-    # finer edge length, the last at mesh_faces; the first, before step 0, also evens out the
-    # starting surface (the hull's or the topology pass's triangles).
-    remesh_at = {geometry_steps * i // config.remeshes: config.mesh_faces // 2 ** (config.remeshes - 1 - i)
+    # Remeshes over the first half of the geometry pass, each at a finer edge length, the last at
+    # mesh_faces; the first, before step 0, also evens out the starting surface (the hull's or the
+    # topology pass's triangles). The UV unwrap of the final connectivity runs on the CPU during the
+    # rest of the pass: the earlier the last remesh, the less the texture pass waits for it (lego,
+    # slow host: 1.9 s -> 0.5 s for the last remesh at step 100 instead of 200, same quality).
+    remesh_at = {geometry_steps * i // (2 * config.remeshes): config.mesh_faces // 2 ** (config.remeshes - 1 - i)
                  for i in range(config.remeshes)}
     if not remesh_at:  # the hull's triangles as they are, down to mesh_faces
         vertices, faces = simplify(vertices, faces, config.mesh_faces)
