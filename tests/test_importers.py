@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 from pipeline.cameras import Cameras
 from pipeline.errors import PipelineError
 from pipeline.importers import detect_format, load_capture, save_cameras_json
-from pipeline.importers.pixels import distort
+from pipeline.importers.pixels import distort, draft_size, read_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGO = FIXTURES / "lego_128"
@@ -422,6 +422,39 @@ def test_plain_photos_alpha_and_mixed_sizes(tmp_path):
     np.testing.assert_allclose(capture.masks[:3, :, :20], 0.0)
     np.testing.assert_allclose(capture.masks[:3, :, 20:], 1.0)
     assert any("v3.png" in w and "60x40" in w for w in capture.warnings)
+
+
+def test_draft_size_divides_exactly_and_never_below_the_target():
+    assert draft_size((4032, 3024), (512, 384)) == (1008, 756)  # 1/8 would leave 504 < 512
+    assert draft_size((4032, 3024), (384, 512)) == (1008, 756)  # a portrait canvas of a sideways file
+    assert draft_size((4032, 3024), (1600, 1200)) == (2016, 1512)
+    assert draft_size((4032, 3024), (300, 200)) == (504, 378)
+    assert draft_size((1024, 683), (64, 43)) == (1024, 683)  # 683 is odd: no exact scale
+    assert draft_size((800, 600), (800, 600)) == (800, 600)
+
+
+def test_large_jpegs_are_decoded_small_and_land_where_the_full_decode_does(tmp_path):
+    """A JPEG much larger than the canvas is read at 1/2-1/8 scale (libjpeg's DCT scaling): the
+    loaded view matches the full-size decode resized, and a dark square lands on the same pixels."""
+    height, width = 1200, 1600
+    rows, cols = np.mgrid[0:height, 0:width]
+    picture = np.stack([128 + 100 * np.sin(cols / 90), 128 + 100 * np.cos(rows / 70), np.full_like(cols, 200.0)], -1)
+    picture[500:620, 300:460] = 10.0  # the square: rows 500-620, columns 300-460 of 1200 x 1600
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(np.roll(picture, 40 * k, axis=1).astype(np.uint8)).save(folder / f"p{k}.jpg", quality=95)
+    assert read_image(folder / "p0.jpg", exif=True, target=(256, 192)).shape == (300, 400, 3)  # decoded at 1/4
+    capture = load_capture(folder, max_side=256)
+    assert capture.images.shape == (3, 192, 256, 3)
+    full = np.asarray(Image.open(folder / "p0.jpg").convert("RGB"), dtype=np.float32) / 255
+    reference = np.stack([np.asarray(Image.fromarray(full[..., c]).resize((256, 192), Image.LANCZOS))
+                          for c in range(3)], -1)
+    assert np.abs(capture.images[0] - reference).mean() < 0.01
+    darkness = np.clip(0.3 - capture.images[0].mean(-1), 0.0, None)  # the background's mean is above 0.33
+    rows, cols = np.indices(darkness.shape)
+    centre = [(rows * darkness).sum() / darkness.sum(), (cols * darkness).sum() / darkness.sum()]
+    np.testing.assert_allclose(centre, [560 * 0.16 - 0.5, 380 * 0.16 - 0.5], atol=0.1)  # scaled; pixel centres at +0.5
 
 
 # ---------------------------------------------------------------- bad input -> PipelineError naming the file
