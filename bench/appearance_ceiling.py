@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_e2e import _git_commit, host_identity, raw_render_cost, run_pipeline  # noqa: E402
+from bench.gpu_e2e import _git_commit, host_identity, run_pipeline, warm_up  # noqa: E402
 from bench.sweep import parse_variant  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
 from pipeline.evaluate import (_view_matrices, error_breakdown, on_white, render_shaded_views,  # noqa: E402
@@ -40,7 +40,7 @@ from pipeline.evaluate import (_view_matrices, error_breakdown, on_white, render
 from pipeline.export import load_glb_in_world  # noqa: E402
 from pipeline.importers import load_capture  # noqa: E402
 from pipeline.mesh import render_textured  # noqa: E402
-from pipeline.reconstruct import preload, split_holdout  # noqa: E402
+from pipeline.reconstruct import split_holdout  # noqa: E402
 from pipeline.render import Rasterizer  # noqa: E402
 
 
@@ -98,8 +98,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
-    raw_render_cost(2000, 2, 64, 64, repeats=1)  # warm-up, as gpu_e2e does
-    preload()
+    warm_up()
     rasterizer = Rasterizer(backend="nvdiffrast", device="cuda")
     host, commit = host_identity(), _git_commit()
     for text in args.variant:

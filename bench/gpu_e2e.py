@@ -91,6 +91,13 @@ def raw_render_cost(faces: int, views: int, resolution: int, texture_size: int, 
     return 1000 * (time.perf_counter() - start) / repeats
 
 
+def warm_up() -> None:
+    """CUDA, nvdiffrast's kernels and the imports a first job pays once per process (`preload`, as the
+    app does at start), so that the first job benchmarked does not pay for them."""
+    raw_render_cost(2000, 2, 64, 64, repeats=1)
+    preload()
+
+
 def bench_lego(data: Path, config, out: Path, raw_backend: str = "nvdiffrast", measure_raw: bool = True) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -223,10 +230,7 @@ def main() -> int:
         path.write_text(text + "\n")
         return text
 
-    # Warm up CUDA and nvdiffrast's kernels, and the imports a first job pays once per process
-    # (`preload`, as the app does at start), so the first benchmark doesn't pay for them.
-    raw_render_cost(2000, 2, 64, 64, repeats=1)
-    preload()
+    warm_up()
     if "lego" in only:
         report["lego"] = bench_lego(args.data, config, args.out)
         save()

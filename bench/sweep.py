@@ -22,9 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_e2e import _git_commit, bench_lego, bench_mesh, host_identity, raw_render_cost  # noqa: E402
+from bench.gpu_e2e import _git_commit, bench_lego, bench_mesh, host_identity, warm_up  # noqa: E402
 from pipeline.config import apply_overrides, preset  # noqa: E402
-from pipeline.reconstruct import preload  # noqa: E402
 
 KEEP = ("e2e_seconds", "heldout_psnr", "heldout_error", "train_psnr", "mask_iou", "fold_over_pct", "crease_pct", "inside_out_pct",
         "peak_gpu_mem_gb",
@@ -51,8 +50,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         return 1
-    raw_render_cost(2000, 2, 64, 64, repeats=1)  # warm-up, as gpu_e2e does
-    preload()
+    warm_up()
     rows = []
     host = host_identity()  # in every row: rows of one file compare with each other, not with another run's
     for text in args.variant:
