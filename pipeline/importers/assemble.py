@@ -308,6 +308,7 @@ def build_capture(
     images = np.empty((len(frames), *canvas, 3), dtype=np.float32)
     masks = np.empty((len(frames), *canvas), dtype=np.float32)
     has_mask = np.zeros(len(frames), dtype=bool)
+
     def load(i: int):
         return _load_view(plans[i], canvas, None if before_turn is None else before_turn.intrinsics[i])
 

@@ -211,8 +211,8 @@ def nearest_texels(
     valid: Tensor,  # [H, W] bool, at least one True
 ) -> Tuple[Tensor, Tensor, Tensor]:  # distance [H, W] float64, rows [H, W] int64, cols [H, W] int64, on valid's device
     """For every texel, the nearest ``valid`` texel (itself when valid) and the Euclidean distance to it,
-    in texels. On CUDA by `jump_flood` (a 2048^2 atlas in under 0.1 s, 5x faster than the exact
-    transform: `bench/bake.py`); elsewhere by scipy's exact distance transform, the reference
+    in texels. On CUDA by `jump_flood` (a 2048^2 atlas: 32 ms, the exact transform 411 ms,
+    `bench/bake.py`); elsewhere by scipy's exact distance transform, the reference
     `tests/test_export.py` holds it to. Where two valid texels are equally near, the two paths may
     pick different ones."""
     if valid.dim() != 2 or valid.dtype != torch.bool or not bool(valid.any()):
