@@ -33,7 +33,7 @@ from .cameras import Cameras
 from .capture import Original
 from .errors import PipelineError
 from .importers.formats import _colmap_distortion
-from .importers.pixels import decode_jpeg_at, undistort
+from .importers.pixels import SWAPPING_ORIENTATIONS, decode_jpeg_at, undistort
 from .turntable import FULL_FRAME_LONG_SIDE_MM
 
 SFM_LONG_SIDE = 1600  # photos are matched at up to this many pixels on the long side
@@ -218,7 +218,7 @@ def _write_original(original: Original, folder: Path, stem: str, size: Tuple[int
             name = stem + (".jpg" if fmt == "JPEG" else ".png")
             os.symlink(os.path.abspath(original.path), folder / name)
             return name
-        swapped = (orientation in (5, 6, 7, 8)) != (original.turns % 2 == 1)
+        swapped = (orientation in SWAPPING_ORIENTATIONS) != (original.turns % 2 == 1)
         decode_jpeg_at(im, size if swapped else size[::-1])
         im.load()
         photo = ImageOps.exif_transpose(im) if original.exif else im.copy()

@@ -167,8 +167,7 @@ def bake_texture(
     # Border texels: barycentrics of the texel centre in the nearest chart texel's triangle.
     dist, near_r, near_c = nearest_texels(covered)
     ring_r, ring_c = torch.nonzero(~covered & (dist <= border), as_tuple=True)
-    faces_t = torch.as_tensor(faces, device=device)
-    ring_tri = faces_t[tri_map[near_r[ring_r, ring_c], near_c[ring_r, ring_c]]]  # [R, 3]
+    ring_tri = tri.long()[tri_map[near_r[ring_r, ring_c], near_c[ring_r, ring_c]]]  # [R, 3]
     texel_uv = torch.stack([(ring_c + 0.5) / size, (ring_r + 0.5) / size], dim=1).double()  # [R, 2]
     bary = _barycentric_2d(torch.as_tensor(uvs, device=device)[ring_tri], texel_uv).clamp(min=0.0)
     bary = bary / bary.sum(dim=1, keepdim=True)
